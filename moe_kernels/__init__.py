@@ -1,0 +1,48 @@
+"""moe_kernels: fast kernels for Mixture-of-Experts layers.
+
+Public API (every function takes ``backend="auto" | "torch" | "triton" | "cuda"``):
+
+- :func:`topk_gating` - router scores -> ``(topk_weights, topk_ids)``
+- :func:`plan_routing`, :func:`permute`, :func:`unpermute` - group (token, slot) pairs by expert and back
+- :func:`grouped_gemm` - every expert's rows times its own weight in one call
+- :func:`fused_moe` - the experts of an MoE layer in one call
+- :class:`MoE` - router + experts + shared experts + auxiliary losses as an nn.Module
+- :func:`load_balancing_loss`, :func:`router_z_loss`, :func:`routing_stats`, :func:`update_correction_bias`
+- :func:`backends` - which backends can run here, and why not
+"""
+
+from ._backends import BackendInfo, backends
+from .gating import (
+    RoutingStats,
+    expert_counts,
+    load_balancing_loss,
+    router_z_loss,
+    routing_stats,
+    topk_gating,
+    update_correction_bias,
+)
+from .gemm import grouped_gemm
+from .layer import MoE
+from .moe import fused_moe
+from .routing import RoutingPlan, permute, plan_routing, unpermute
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendInfo",
+    "MoE",
+    "RoutingPlan",
+    "RoutingStats",
+    "backends",
+    "expert_counts",
+    "fused_moe",
+    "grouped_gemm",
+    "load_balancing_loss",
+    "permute",
+    "plan_routing",
+    "router_z_loss",
+    "routing_stats",
+    "topk_gating",
+    "unpermute",
+    "update_correction_bias",
+]

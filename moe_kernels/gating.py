@@ -1,0 +1,167 @@
+"""Top-k gating, load-balancing losses and routing statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _backends, _checks
+from . import ops  # noqa: F401  (registers torch.ops.moe_kernels.*)
+
+_FN = "topk_gating"
+_OPS = torch.ops.moe_kernels
+_backends.register("topk_gating", "torch")(_OPS.topk_gating.default)
+_backends.register("expert_counts", "torch")(_OPS.expert_counts.default)
+
+
+def _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor):
+    _checks.check_tensor(_FN, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
+    E = logits.shape[1]
+    if E < 1:
+        raise ValueError(f"{_FN}: logits must have at least one expert column, got shape {tuple(logits.shape)}")
+    _checks.check_int(_FN, "top_k", top_k, lo=1, hi=E)
+    _checks.check_choice(_FN, "scoring", scoring, ("softmax", "sigmoid"))
+    if correction_bias is not None:
+        _checks.check_tensor(_FN, "correction_bias", correction_bias, dtypes=_checks.FLOAT_DTYPES, shape=(E,), layout="[E]")
+        _checks.check_same_device(_FN, logits=logits, correction_bias=correction_bias)
+    _checks.check_int(_FN, "num_groups", num_groups, lo=1, hi=E)
+    if E % num_groups:
+        raise ValueError(f"{_FN}: num_groups={num_groups} must divide the number of experts E={E}")
+    _checks.check_int(_FN, "topk_groups", topk_groups, lo=1, hi=num_groups)
+    if topk_groups * (E // num_groups) < top_k:
+        raise ValueError(
+            f"{_FN}: topk_groups * E/num_groups = {topk_groups} * {E // num_groups} must be >= top_k={top_k} "
+            "(the chosen groups must hold k experts)"
+        )
+    if not isinstance(scaling_factor, (int, float)) or isinstance(scaling_factor, bool):
+        raise TypeError(f"{_FN}: scaling_factor must be a float, got {type(scaling_factor).__name__}")
+
+
+def topk_gating(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    correction_bias: torch.Tensor | None = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    scaling_factor: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the experts of every token and keep the top k.
+
+    ============== ========== ============ =====================================================
+    argument       shape      dtype        meaning
+    ============== ========== ============ =====================================================
+    logits         [T, E]     fp32/bf16/   router output
+                              fp16/fp64
+    correction_bias [E]       float        added to the scores for *selection only* (DeepSeek-V3)
+    topk_weights   [T, k]     fp32 (fp64   unbiased scores of the chosen experts, renormalised
+                              for fp64)    if asked, times ``scaling_factor``
+    topk_ids       [T, k]     int32        chosen experts, best first, ties to the lower index
+    ============== ========== ============ =====================================================
+
+    Scores are ``softmax(logits)`` or ``sigmoid(logits)`` in fp32. With ``num_groups > 1`` the experts
+    form equal groups scored by their best score (or the sum of their two best selection scores
+    when a correction bias is given) and only the ``topk_groups`` best groups are eligible.
+    NaN scores rank below every number, so ids are always in ``[0, E)``.
+
+    Example::
+
+        >>> w, ids = topk_gating(torch.randn(5, 8), 2)
+        >>> w.shape, ids.dtype
+        (torch.Size([5, 2]), torch.int32)
+    """
+    _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor)
+    impl = _backends.select("topk_gating", backend, logits.device, logits, top_k, scoring=scoring, num_groups=num_groups)
+    if correction_bias is not None:
+        correction_bias = correction_bias.float() if correction_bias.dtype != torch.float64 else correction_bias
+    return impl(logits, correction_bias, top_k, scoring, bool(renormalize), num_groups, topk_groups, float(scaling_factor))
+
+
+def expert_counts(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "auto") -> torch.Tensor:
+    """Slots routed to each expert, ``[E]`` int32; ids of -1 (dropped) are not counted."""
+    fn = "expert_counts"
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, layout="[T, k]")
+    _checks.check_int(fn, "num_experts", num_experts, lo=1)
+    _checks.check_ids_in_range(fn, "topk_ids", topk_ids, num_experts)
+    return _backends.select(fn, backend, topk_ids.device, topk_ids)(topk_ids, num_experts)
+
+
+def load_balancing_loss(
+    logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *, scoring: str = "softmax"
+) -> torch.Tensor:
+    """Switch/GShard auxiliary loss ``E * sum_e f_e * P_e`` (1.0 for perfectly even routing).
+
+    ``f_e`` is the fraction of the routed (token, slot) pairs that went to expert e (dropped ids of
+    -1 excluded), ``P_e`` the mean router probability of e (softmax of the logits, or the sigmoid
+    scores normalised per token for ``scoring="sigmoid"``). Differentiable in ``logits``.
+    Hugging Face's Mixtral loss is ``top_k`` times this value.
+    """
+    fn = "load_balancing_loss"
+    _checks.check_tensor(fn, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(logits.shape[0], None), layout="[T, k]")
+    _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+    if logits.shape[1] != num_experts:
+        raise ValueError(f"{fn}: logits must have num_experts={num_experts} columns, got shape {tuple(logits.shape)}")
+    T, k = topk_ids.shape
+    x = logits.float() if logits.dtype != torch.float64 else logits
+    if scoring == "softmax":
+        probs = torch.softmax(x, -1)
+    else:
+        s = torch.sigmoid(x)
+        probs = s / (s.sum(-1, keepdim=True) + 1e-20)
+    p = probs.sum(0) / max(T, 1)
+    f = expert_counts(topk_ids, num_experts).to(p.dtype) / max(T * k, 1)
+    return num_experts * (f * p).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2`` (0 for no tokens)."""
+    _checks.check_tensor("router_z_loss", "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
+    x = logits.float() if logits.dtype != torch.float64 else logits
+    return torch.logsumexp(x, -1).square().sum() / max(logits.shape[0], 1)
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Routing statistics as device tensors (reading them is the caller's choice of sync).
+
+    ``tokens_per_expert`` [E] int32; ``max_load`` and ``mean_load`` (slots per expert) fp32;
+    ``load_entropy``: entropy in nats of the load distribution (``log E`` when perfectly even);
+    ``imbalance``: ``max_load / mean_load`` (1.0 when even).
+    """
+
+    tokens_per_expert: torch.Tensor
+    max_load: torch.Tensor
+    mean_load: torch.Tensor
+    load_entropy: torch.Tensor
+    imbalance: torch.Tensor
+
+
+def routing_stats(topk_ids: torch.Tensor, num_experts: int) -> RoutingStats:
+    """Load statistics of a routing decision, without a host synchronisation."""
+    counts = expert_counts(topk_ids, num_experts)
+    load = counts.float()
+    mean = load.mean()
+    p = load / load.sum().clamp(min=1)
+    entropy = -(p * torch.log(torch.where(p > 0, p, 1.0))).sum()
+    return RoutingStats(counts, load.max(), mean, entropy, load.max() / mean.clamp(min=1e-20))
+
+
+def update_correction_bias(bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3 aux-loss-free balancing, in place: ``bias += rate * sign(mean load - load)``.
+
+    ``bias`` [E] float (kept fp32 by :class:`MoE`), ``tokens_per_expert`` [E] (e.g. summed
+    ``routing_stats(...).tokens_per_expert``). Returns ``bias``. No host synchronisation.
+    """
+    fn = "update_correction_bias"
+    _checks.check_tensor(fn, "bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES, layout="[E]")
+    _checks.check_tensor(fn, "tokens_per_expert", tokens_per_expert, shape=(bias.shape[0],), layout="[E]")
+    _checks.check_same_device(fn, bias=bias, tokens_per_expert=tokens_per_expert)
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool):
+        raise TypeError(f"{fn}: rate must be a float, got {type(rate).__name__}")
+    _OPS.update_correction_bias(bias, tokens_per_expert, float(rate))
+    return bias

@@ -1,0 +1,66 @@
+"""Grouped expert GEMM."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backends, _checks
+from . import ops  # noqa: F401
+from .routing import RoutingPlan
+
+_OPS = torch.ops.moe_kernels
+_backends.register("grouped_gemm", "torch")(_OPS.grouped_gemm.default)
+
+
+def grouped_gemm(
+    x_sorted: torch.Tensor,
+    w: torch.Tensor,
+    plan_or_offsets: RoutingPlan | torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    weight_layout: str = "nk",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Every expert's rows times its own weight, in one call.
+
+    ============== ============ =====================================================================
+    argument       shape        meaning
+    ============== ============ =====================================================================
+    x_sorted       [P, K]       rows grouped by expert (``permute`` output)
+    w              [E, N, K]    per-expert weight in nn.Linear layout (``weight_layout="nk"``),
+                   [E, K, N]    or transposed (``weight_layout="kn"``)
+    plan_or_offsets             a RoutingPlan, or ``expert_offsets`` [E+1] int32 with offsets[0] = 0
+    bias           [E, N]       optional per-expert bias
+    y_sorted       [P, N]       ``x_sorted[r] @ w[e].T + bias[e]`` for rows r of expert e
+    ============== ============ =====================================================================
+
+    Rows outside every segment, and padding rows of a plan, are zero. ``x_sorted`` and ``w`` share a
+    float dtype; accumulation is fp32 (fp64 for fp64). Differentiable in ``x_sorted``, ``w`` and ``bias``.
+    """
+    fn = "grouped_gemm"
+    _checks.check_choice(fn, "weight_layout", weight_layout, ("nk", "kn"))
+    _checks.check_tensor(fn, "x_sorted", x_sorted, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[P, K]")
+    K = x_sorted.shape[1]
+    shape = (None, None, K) if weight_layout == "nk" else (None, K, None)
+    _checks.check_tensor(fn, "w", w, dtypes=(x_sorted.dtype,), shape=shape, layout=f"[E, {'N, K' if weight_layout == 'nk' else 'K, N'}] with K={K}")
+    E = w.shape[0]
+    N = w.shape[1] if weight_layout == "nk" else w.shape[2]
+    sorted_slots = None
+    if isinstance(plan_or_offsets, RoutingPlan):
+        offsets, sorted_slots = plan_or_offsets.expert_offsets, plan_or_offsets.sorted_slots
+        if plan_or_offsets.num_rows != x_sorted.shape[0]:
+            raise ValueError(f"{fn}: x_sorted must have the plan's P={plan_or_offsets.num_rows} rows, got {x_sorted.shape[0]}")
+    else:
+        offsets = _checks.check_tensor(fn, "plan_or_offsets", plan_or_offsets, dtypes=_checks.INDEX_DTYPES, shape=(E + 1,), layout="[E+1] expert offsets")
+        if _checks.value_checks_enabled(offsets) and offsets.numel():
+            o = offsets.tolist()
+            if o[0] != 0 or any(b < a for a, b in zip(o, o[1:])) or o[-1] > x_sorted.shape[0]:
+                raise ValueError(f"{fn}: expert offsets must start at 0, not decrease and end at most at P={x_sorted.shape[0]}; got {o}")
+        offsets = offsets.to(torch.int32)
+    if offsets.shape[0] != E + 1:
+        raise ValueError(f"{fn}: w has E={E} experts but the plan has {offsets.shape[0] - 1}")
+    if bias is not None:
+        _checks.check_tensor(fn, "bias", bias, dtypes=_checks.FLOAT_DTYPES, shape=(E, N), layout="[E, N]")
+    _checks.check_same_device(fn, x_sorted=x_sorted, w=w, plan=offsets, bias=bias)
+    impl = _backends.select(fn, backend, x_sorted.device, x_sorted, w)
+    return impl(x_sorted, w, offsets, bias, sorted_slots, weight_layout == "nk")

@@ -1,0 +1,166 @@
+"""``MoE``: router, routed experts, shared experts and auxiliary losses as one nn.Module."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _checks
+from .gating import load_balancing_loss, router_z_loss, routing_stats, topk_gating
+from .moe import fused_moe
+from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
+
+
+class SharedExpert(nn.Module):
+    """Dense gated MLP that every token goes through (DeepSeek / Qwen2-MoE shared experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, gated: bool, **factory):
+        super().__init__()
+        self.activation, self.gated = activation, gated
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **factory)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **factory) if gated else None
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_proj(x) if self.up_proj is None else torch.cat([self.gate_proj(x), self.up_proj(x)], -1)
+        return self.down_proj(torch.ops.moe_kernels.activation(h, self.activation, self.gated))
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    Parameters: ``router.weight [E, H]`` (+ ``router.bias``), ``w13 [E, 2I, H]`` (gate rows first; ``[E, I, H]``
+    when not gated), ``w2 [E, H, I]`` (+ ``b13 [E, 2I]``, ``b2 [E, H]`` with ``expert_bias``), buffer
+    ``correction_bias [E]`` (fp32, with ``correction_bias=True``), ``shared.{gate,up,down}_proj`` and
+    ``shared_gate`` (``Linear(H, 1)``, its sigmoid scales the shared output as in Qwen2-MoE).
+
+    The router runs in fp32. ``forward(x [..., H]) -> [..., H]``; afterwards ``last_stats`` holds a
+    :class:`RoutingStats` and ``aux_loss`` ``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss``
+    (add it to the training loss). ``capacity_factor`` sets each expert's capacity to
+    ``ceil(capacity_factor * T * k / E)`` slots.
+
+    Example::
+
+        >>> moe = MoE(64, 128, num_experts=8, top_k=2)
+        >>> y = moe(torch.randn(2, 5, 64)); y.sum().backward()
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        scoring: str = "softmax",
+        renormalize: bool = True,
+        num_groups: int = 1,
+        topk_groups: int = 1,
+        scaling_factor: float = 1.0,
+        correction_bias: bool = False,
+        router_bias: bool = False,
+        shared_intermediate_size: int = 0,
+        shared_gate: bool = False,
+        activation: str = "silu",
+        gated: bool = True,
+        expert_bias: bool = False,
+        capacity_factor: float | None = None,
+        aux_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        fn = "MoE"
+        for name, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size), ("num_experts", num_experts)):
+            _checks.check_int(fn, name, v, lo=1)
+        _checks.check_int(fn, "top_k", top_k, lo=1, hi=num_experts)
+        _checks.check_int(fn, "shared_intermediate_size", shared_intermediate_size, lo=0)
+        _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+        _checks.check_choice(fn, "activation", activation, GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS)
+        if num_experts % num_groups or topk_groups > num_groups or topk_groups * (num_experts // num_groups) < top_k:
+            raise ValueError(f"{fn}: num_groups={num_groups} must divide num_experts={num_experts} and topk_groups={topk_groups} "
+                             f"groups of {num_experts // max(num_groups, 1)} experts must hold top_k={top_k}")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"{fn}: capacity_factor must be > 0 or None, got {capacity_factor}")
+        factory = dict(dtype=dtype, device=device)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k = num_experts, top_k
+        self.scoring, self.renormalize, self.scaling_factor = scoring, renormalize, scaling_factor
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.activation, self.gated = activation, gated
+        self.capacity_factor, self.aux_loss_coef, self.z_loss_coef = capacity_factor, aux_loss_coef, z_loss_coef
+        self.backend = backend
+
+        self.router = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
+        rows = 2 * intermediate_size if gated else intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, rows, hidden_size, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
+        self.b13 = nn.Parameter(torch.empty(num_experts, rows, **factory)) if expert_bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size, **factory)) if expert_bias else None
+        if correction_bias:
+            self.register_buffer("correction_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
+        else:
+            self.correction_bias = None
+        self.shared = (SharedExpert(hidden_size, shared_intermediate_size, activation, gated, **factory)
+                       if shared_intermediate_size else None)
+        self.shared_gate = nn.Linear(hidden_size, 1, bias=False, **factory) if shared_gate else None
+        self.last_stats = None
+        self.aux_loss = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, per expert: uniform in ``+-1/sqrt(fan_in)``."""
+        with torch.no_grad():
+            for p, fan_in in ((self.w13, self.hidden_size), (self.w2, self.intermediate_size),
+                              (self.b13, self.hidden_size), (self.b2, self.intermediate_size)):
+                if p is not None:
+                    bound = 1.0 / math.sqrt(fan_in)
+                    p.uniform_(-bound, bound)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (fp32) and top-k choice of tokens ``x [T, H]``: ``(logits, topk_weights, topk_ids)``."""
+        bias = self.router.bias.float() if self.router.bias is not None else None
+        logits = F.linear(x.float(), self.router.weight.float(), bias)  # [T, E] fp32
+        weights, ids = topk_gating(
+            logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
+            correction_bias=self.correction_bias, num_groups=self.num_groups, topk_groups=self.topk_groups,
+            scaling_factor=self.scaling_factor, backend=self.backend,
+        )
+        return logits, weights, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"MoE: input must have shape [..., {self.hidden_size}], got {tuple(x.shape)}")
+        shape = x.shape
+        x = x.reshape(-1, self.hidden_size)
+        logits, weights, ids = self.route(x)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * x.shape[0] * self.top_k / self.num_experts)
+        out = fused_moe(
+            x, self.w13, self.w2, weights, ids, activation=self.activation, gated=self.gated,
+            w13_bias=self.b13, w2_bias=self.b2, capacity=capacity, backend=self.backend,
+        )
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
+        with torch.no_grad():
+            self.last_stats = routing_stats(ids, self.num_experts)
+        aux = logits.new_zeros(())
+        if self.aux_loss_coef:
+            aux = aux + self.aux_loss_coef * load_balancing_loss(logits, ids, self.num_experts, scoring=self.scoring)
+        if self.z_loss_coef:
+            aux = aux + self.z_loss_coef * router_z_loss(logits)
+        self.aux_loss = aux
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, scoring={self.scoring}, activation={self.activation}, backend={self.backend}")

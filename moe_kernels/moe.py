@@ -1,0 +1,87 @@
+"""The experts of an MoE layer in one call: ``fused_moe``."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backends, _checks
+from . import ops  # noqa: F401
+from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
+
+_OPS = torch.ops.moe_kernels
+_backends.register("fused_moe", "torch")(_OPS.fused_moe.default)
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    gated: bool = True,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False,
+    capacity: int | None = None,
+    expert_map: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Run every token through its k experts and sum the outputs with the routing weights.
+
+    ============= ============= =============================================================
+    argument      shape         meaning
+    ============= ============= =============================================================
+    hidden        [T, H]        tokens (fp32/bf16/fp16/fp64)
+    w13           [E, 2I, H]    gate rows [0, I) and up rows [I, 2I) (``[E, I, H]`` if not gated)
+    w2            [E, H, I]     down projection
+    topk_weights  [T, k]        routing weights (fp32)
+    topk_ids      [T, k]        experts in [0, E_global), -1 = dropped
+    w13_bias      [E, 2I]       optional (gpt-oss)
+    w2_bias       [E, H]        optional
+    out           [T, H]        ``sum_j w[t, j] * (act(x_t @ w13[e].T + b13) @ w2[e].T + b2)``
+    ============= ============= =============================================================
+
+    ``activation``: ``silu`` (SwiGLU), ``gelu`` (exact), ``relu`` or ``swiglu_oai`` (gpt-oss, gated only).
+    ``apply_router_weight_on_input`` scales the token before the experts instead of after (Llama-4).
+    ``capacity`` and ``expert_map`` are as in :func:`plan_routing`; ``E`` is ``w13.shape[0]`` (the local
+    experts when ``expert_map`` is given). Differentiable in hidden, w13, w2, the biases and topk_weights.
+
+    Example::
+
+        >>> out = fused_moe(x, w13, w2, *topk_gating(x @ router.T, 2))
+    """
+    fn = "fused_moe"
+    f = _checks.FLOAT_DTYPES
+    _checks.check_tensor(fn, "hidden", hidden, ndim=2, dtypes=f, layout="[T, H]")
+    T, H = hidden.shape
+    _checks.check_choice(fn, "activation", activation, GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS)
+    _checks.check_tensor(fn, "w13", w13, ndim=3, dtypes=(hidden.dtype,), layout="[E, 2I, H] (same dtype as hidden)")
+    E, I2 = w13.shape[0], w13.shape[1]
+    if w13.shape[2] != H:
+        raise ValueError(f"{fn}: w13 must have shape [E, {'2I' if gated else 'I'}, H={H}], got {tuple(w13.shape)}")
+    if gated and I2 % 2:
+        raise ValueError(f"{fn}: gated w13 must have an even number of rows 2I, got shape {tuple(w13.shape)}")
+    inter = I2 // 2 if gated else I2
+    _checks.check_tensor(fn, "w2", w2, dtypes=(hidden.dtype,), shape=(E, H, inter), layout="[E, H, I]")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(T, None), layout="[T, k]")
+    k = topk_ids.shape[1]
+    _checks.check_tensor(fn, "topk_weights", topk_weights, dtypes=f, shape=(T, k), layout="[T, k]")
+    if w13_bias is not None:
+        _checks.check_tensor(fn, "w13_bias", w13_bias, dtypes=f, shape=(E, I2), layout="[E, 2I]")
+    if w2_bias is not None:
+        _checks.check_tensor(fn, "w2_bias", w2_bias, dtypes=f, shape=(E, H), layout="[E, H]")
+    if capacity is not None:
+        _checks.check_int(fn, "capacity", capacity, lo=0)
+    n_ids = E
+    if expert_map is not None:
+        _checks.check_tensor(fn, "expert_map", expert_map, ndim=1, dtypes=_checks.INDEX_DTYPES, layout="[E_global]")
+        _checks.check_ids_in_range(fn, "expert_map", expert_map, E)
+        n_ids = expert_map.shape[0]
+    _checks.check_same_device(fn, hidden=hidden, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
+                              w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
+    _checks.check_ids_in_range(fn, "topk_ids", topk_ids, n_ids)
+    impl = _backends.select(fn, backend, hidden.device, hidden, w13, w2, activation=activation)
+    return impl(hidden, w13, w2, topk_weights, topk_ids, activation, bool(gated), w13_bias, w2_bias,
+                bool(apply_router_weight_on_input), capacity, expert_map)

@@ -1,0 +1,397 @@
+"""Pure-PyTorch reference of every moe_kernels op.
+
+This is the ``torch`` backend: what CPU users run, what GPU users fall back to, and what every fast
+kernel is checked against. It is vectorised over tokens (loops run over experts or over the k
+slots only) and keeps to plain tensor ops so that it reads in a minute.
+
+Conventions shared by all functions here:
+- ``T`` tokens, ``k`` slots per token, ``E`` experts, ``S = T*k`` slots; slot ``t*k + j`` is the
+  j-th choice of token t. ``P`` permuted rows (padding included).
+- Arithmetic that the contract puts in fp32 runs in ``promote(dtype, float32)``: fp32 for 16/32-bit
+  inputs and fp64 for fp64 inputs, so a float64 run of the reference is a float64 reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._alloc import empty
+
+GATED_ACTIVATIONS = ("silu", "gelu", "relu", "swiglu_oai")
+PLAIN_ACTIVATIONS = ("silu", "gelu", "relu")
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----- gating ---------------------------------------------------------------------------------------
+
+
+def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    x = logits.to(acc_dtype(logits.dtype))
+    return torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+
+
+def stable_topk_indices(values: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the k largest entries per row, best first, ties to the lower index.
+
+    Entries where ``allowed`` is False rank below every allowed entry (two stable sorts give the
+    lexicographic order: allowed first, then value, then index).
+    """
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    if allowed is not None:
+        first = torch.sort(allowed.gather(-1, order).to(torch.int8), dim=-1, descending=True, stable=True).indices
+        order = order.gather(-1, first)
+    return order[..., :k]
+
+
+def topk_gating(
+    logits: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    correction_bias: torch.Tensor | None = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing. Returns ``(topk_weights [T, k] fp32, topk_ids [T, k] int32)``.
+
+    NaN selection scores rank below every number, so a NaN row still yields valid ids.
+    """
+    T, E = logits.shape
+    s = _scores(logits, scoring)  # [T, E]
+    sel = s if correction_bias is None else s + correction_bias.to(s.dtype)
+    sel = torch.where(torch.isnan(sel), float("-inf"), sel)
+    allowed = None
+    if num_groups > 1:
+        grouped = sel.view(T, num_groups, E // num_groups)  # [T, G, E/G]
+        if correction_bias is not None and E // num_groups >= 2:
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_score = grouped.max(dim=-1).values  # [T, G]
+        best_groups = stable_topk_indices(group_score, topk_groups)
+        group_ok = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
+        allowed = group_ok.repeat_interleave(E // num_groups, dim=1)  # [T, E]
+    ids = stable_topk_indices(sel, top_k, allowed)  # [T, k]
+    w = s.gather(1, ids)
+    if renormalize:
+        w = w / (w.sum(-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0.0))
+    return w * scaling_factor, ids.to(torch.int32)
+
+
+def topk_gating_backward(
+    grad_weights: torch.Tensor,
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    scoring: str,
+    renormalize: bool,
+    scaling_factor: float,
+) -> torch.Tensor:
+    """d loss / d logits from d loss / d topk_weights (the correction bias only selects)."""
+    s = _scores(logits, scoring)
+    ids = topk_ids.long()
+    g = s.gather(1, ids)  # [T, k] unnormalised weights
+    dw = grad_weights.to(s.dtype) * scaling_factor
+    if renormalize:
+        denom = g.sum(-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0.0)
+        dg = dw / denom - (dw * g).sum(-1, keepdim=True) / denom**2
+    else:
+        dg = dw
+    ds = torch.zeros_like(s).scatter_add_(1, ids, dg)  # [T, E]
+    if scoring == "softmax":
+        dx = s * (ds - (ds * s).sum(-1, keepdim=True))
+    else:
+        dx = ds * s * (1 - s)
+    return dx.to(logits.dtype)
+
+
+# ----- routing plan, permute, unpermute --------------------------------------------------------------
+
+
+def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots per expert ``[E]`` int32; ids outside [0, E) (such as -1) are not counted."""
+    flat = topk_ids.reshape(-1).long()
+    flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    return _bucket_counts(flat, num_experts + 1)[:num_experts].to(torch.int32)
+
+
+def _bucket_counts(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """Histogram of int64 keys in [0, n) without a data-dependent shape (unlike bincount)."""
+    return torch.zeros(n, dtype=torch.int64, device=keys.device).scatter_add_(0, keys, torch.ones_like(keys))
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x.new_zeros(1), torch.cumsum(x, 0)])
+
+
+def plan_routing(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_size: int = 1,
+    capacity: int | None = None,
+    expert_map: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stable grouping of slots by expert.
+
+    Returns ``(sorted_slots [P], expert_offsets [E+1], tokens_per_expert [E], slot_to_row [S])``, all
+    int32, with ``P = S + E*(block_size-1)``. Dropped slots (id -1, unmapped by ``expert_map``, or
+    over ``capacity``) get row -1; unused rows hold slot -1.
+    """
+    T, k = topk_ids.shape
+    S, E = T * k, num_experts
+    P = S + E * (block_size - 1)
+    device = topk_ids.device
+    ids = topk_ids.long()
+    if expert_map is not None:
+        n_global = expert_map.shape[0]
+        inside = (ids >= 0) & (ids < n_global)
+        ids = torch.where(inside, expert_map.long()[ids.clamp(0, max(n_global - 1, 0))], -1)
+    key = torch.where((ids >= 0) & (ids < E), ids, E)  # [T, k]; E = dropped
+    if capacity is not None:
+        # GShard: all first choices before all second choices, earlier tokens first.
+        by_priority = key.t().reshape(-1)  # [k*T]
+        order = torch.sort(by_priority, stable=True).indices
+        starts = _exclusive_cumsum(_bucket_counts(by_priority, E + 1))
+        rank = torch.empty_like(by_priority)
+        rank[order] = torch.arange(S, device=device) - starts[by_priority[order]]
+        key = torch.where(rank.view(k, T).t() < capacity, key, E)
+    flat = key.reshape(-1)  # [S]
+    order = torch.sort(flat, stable=True).indices  # slot indices grouped by expert, by slot index
+    counts = _bucket_counts(flat, E + 1)
+    tokens = counts[:E]
+    offsets = _exclusive_cumsum((tokens + block_size - 1) // block_size * block_size)  # [E+1]
+    raw_starts = _exclusive_cumsum(counts)  # [E+2]
+    expert_sorted = flat[order]
+    kept = expert_sorted < E
+    row = offsets[expert_sorted.clamp(max=E - 1)] + torch.arange(S, device=device) - raw_starts[expert_sorted]
+    row = torch.where(kept, row, -1)
+    slot_to_row = torch.empty(S, dtype=torch.int64, device=device).scatter_(0, order, row)
+    sorted_slots = torch.full((P + 1,), -1, dtype=torch.int64, device=device)
+    sorted_slots.scatter_(0, torch.where(kept, row, P), torch.where(kept, order, -1))
+    return (
+        sorted_slots[:P].to(torch.int32),
+        offsets.to(torch.int32),
+        tokens.to(torch.int32),
+        slot_to_row.to(torch.int32),
+    )
+
+
+def permute(
+    x: torch.Tensor, sorted_slots: torch.Tensor, top_k: int, row_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Row r = ``w[slot] * x[slot // k]`` for ``slot = sorted_slots[r]`` (w = 1 if not given); zero where slot = -1."""
+    valid = (sorted_slots >= 0)[:, None]
+    if x.shape[0] == 0:
+        return x.new_zeros(sorted_slots.shape[0], x.shape[1])
+    rows = x.index_select(0, (sorted_slots.clamp(min=0) // top_k).long())
+    if row_weights is not None:
+        w = row_weights.reshape(-1).index_select(0, sorted_slots.clamp(min=0).long())
+        rows = (rows.to(acc_dtype(x.dtype)) * w[:, None].to(acc_dtype(x.dtype))).to(x.dtype)
+    return torch.where(valid, rows, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def unpermute(
+    y_sorted: torch.Tensor, slot_to_row: torch.Tensor, top_k: int, topk_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y[t] = sum_j w[t, j] * y_sorted[slot_to_row[t*k + j]]`` over kept slots, in fp32, j ascending."""
+    T, N = slot_to_row.shape[0] // top_k, y_sorted.shape[1]
+    acc = acc_dtype(y_sorted.dtype)
+    out = torch.zeros(T, N, dtype=acc, device=y_sorted.device)
+    if y_sorted.shape[0] == 0:
+        return out.to(y_sorted.dtype)
+    rows = slot_to_row.view(T, top_k).long()
+    for j in range(top_k):
+        v = y_sorted.index_select(0, rows[:, j].clamp(min=0)).to(acc)
+        if topk_weights is not None:
+            v = v * topk_weights[:, j, None].to(acc)
+        out = out + torch.where((rows[:, j] >= 0)[:, None], v, 0.0)
+    return out.to(y_sorted.dtype)
+
+
+def slot_dots(rows: torch.Tensor, slot_to_row: torch.Tensor, per_token: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``d[t, j] = <rows[slot_to_row[t*k+j]], per_token[t]>`` in fp32 (0 for dropped slots); the
+    gradient of a routing weight."""
+    T = slot_to_row.shape[0] // top_k
+    acc = acc_dtype(rows.dtype)
+    if rows.shape[0] == 0 or T == 0:
+        return torch.zeros(T, top_k, dtype=acc, device=rows.device)
+    r = slot_to_row.view(T, top_k).long()
+    picked = rows.index_select(0, r.clamp(min=0).reshape(-1)).view(T, top_k, -1).to(acc)
+    d = torch.einsum("tjn,tn->tj", picked, per_token.to(acc))
+    return torch.where(r >= 0, d, 0.0)
+
+
+# ----- grouped GEMM ----------------------------------------------------------------------------------
+
+
+def row_experts(expert_offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Expert of every row ``[P]`` int64 (E for rows past the last segment)."""
+    rows = torch.arange(num_rows, device=expert_offsets.device, dtype=expert_offsets.dtype)
+    return torch.searchsorted(expert_offsets[1:].contiguous(), rows, right=True)
+
+
+def row_mask(expert_offsets: torch.Tensor, num_rows: int, sorted_slots: torch.Tensor | None) -> torch.Tensor:
+    """True for rows that hold a real slot: inside a segment and, given a plan, not padding."""
+    rows = torch.arange(num_rows, device=expert_offsets.device)
+    valid = rows < expert_offsets[-1].to(rows.dtype)
+    return valid if sorted_slots is None else valid & (sorted_slots >= 0)
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch's grouped_mm serves this call (no fp64; 16-byte aligned rows; bf16 on Hopper+ for CUDA)."""
+    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype or x.shape[0] == 0:
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+            return False
+    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    es = x.element_size()
+    return all(d * es % 16 == 0 for d in (x.shape[1], w.shape[1], w.shape[2]))
+
+
+def grouped_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    sorted_slots: torch.Tensor | None = None,
+    trans_w: bool = True,
+) -> torch.Tensor:
+    """Row r of segment e: ``x[r] @ w[e].T`` (``trans_w``, w ``[E, N, K]``) or ``x[r] @ w[e]`` (w ``[E, K, N]``),
+    plus ``bias[e]``; rows outside every segment or of padding are zero."""
+    P, E = x.shape[0], w.shape[0]
+    wt = w.transpose(1, 2) if trans_w else w  # [E, K, N]
+    if _grouped_mm_ok(x, w):
+        y = F.grouped_mm(x.contiguous(), wt, offs=expert_offsets[1:].to(torch.int32))
+    else:
+        # Loop over experts: needs the offsets on the host (a sync on GPU; this is the fallback).
+        y = empty(P, wt.shape[2], dtype=x.dtype, device=x.device)  # rows outside segments are masked below
+        bounds = expert_offsets.tolist()
+        for e in range(E):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                y[lo:hi] = x[lo:hi] @ wt[e]
+    if bias is not None:
+        rows_e = row_experts(expert_offsets, P).clamp(max=E - 1)
+        y = y + bias.index_select(0, rows_e).to(y.dtype)
+    return torch.where(row_mask(expert_offsets, P, sorted_slots)[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def grouped_gemm_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """Per expert ``a_e^T @ b_e`` over the rows of its segment: ``[E, A, B]`` (0 for empty experts)."""
+    E = expert_offsets.shape[0] - 1
+    out = empty(E, a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
+    bounds = expert_offsets.tolist()
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        out[e] = a[lo:hi].t() @ b[lo:hi]  # an empty segment gives zeros
+    return out
+
+
+def segment_sum(y: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """Per expert sum of its segment's rows ``[E, N]``, accumulated in fp32."""
+    E = expert_offsets.shape[0] - 1
+    acc = acc_dtype(y.dtype)
+    rows_e = row_experts(expert_offsets, y.shape[0])  # rows past the end go to bucket E
+    out = torch.zeros(E + 1, y.shape[1], dtype=acc, device=y.device).index_add_(0, rows_e, y.to(acc))
+    return out[:E].to(y.dtype)
+
+
+# ----- activation ------------------------------------------------------------------------------------
+
+
+def _split(h: torch.Tensor, gated: bool):
+    if not gated:
+        return h.to(acc_dtype(h.dtype)), None
+    inter = h.shape[-1] // 2
+    return h[..., :inter].to(acc_dtype(h.dtype)), h[..., inter:].to(acc_dtype(h.dtype))
+
+
+def activation(h: torch.Tensor, kind: str, gated: bool = True) -> torch.Tensor:
+    """``act(gate) * up`` on ``h = [gate | up]`` (gated) or ``act(h)``; computed in fp32."""
+    g, u = _split(h, gated)
+    if kind == "swiglu_oai":
+        g, u = g.clamp(max=OAI_LIMIT), u.clamp(-OAI_LIMIT, OAI_LIMIT)
+        return ((u + 1) * g * torch.sigmoid(OAI_ALPHA * g)).to(h.dtype)
+    a = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[kind](g)
+    return (a if u is None else a * u).to(h.dtype)
+
+
+def activation_backward(grad: torch.Tensor, h: torch.Tensor, kind: str, gated: bool = True) -> torch.Tensor:
+    """d loss / d h from d loss / d activation(h)."""
+    g, u = _split(h, gated)
+    da = grad.to(g.dtype)
+    if kind == "swiglu_oai":
+        gc, uc = g.clamp(max=OAI_LIMIT), u.clamp(-OAI_LIMIT, OAI_LIMIT)
+        sg = torch.sigmoid(OAI_ALPHA * gc)
+        dg = da * (uc + 1) * (sg + OAI_ALPHA * gc * sg * (1 - sg)) * (g <= OAI_LIMIT)
+        du = da * gc * sg * ((u >= -OAI_LIMIT) & (u <= OAI_LIMIT))
+        return torch.cat([dg, du], -1).to(h.dtype)
+    if kind == "silu":
+        sg = torch.sigmoid(g)
+        act, dact = g * sg, sg * (1 + g * (1 - sg))
+    elif kind == "gelu":
+        cdf = 0.5 * (1 + torch.erf(g / math.sqrt(2)))
+        act, dact = g * cdf, cdf + g * torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
+    else:
+        act, dact = F.relu(g), (g > 0).to(g.dtype)
+    if u is None:
+        return (da * dact).to(h.dtype)
+    return torch.cat([da * u * dact, da * act], -1).to(h.dtype)
+
+
+# ----- fused MoE -------------------------------------------------------------------------------------
+
+
+def _moe_forward_parts(hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated, w13_bias, w2_bias, on_input, capacity, expert_map):
+    k = topk_ids.shape[1]
+    slots, offsets, _, slot_to_row = plan_routing(topk_ids, w13.shape[0], 1, capacity, expert_map)
+    xs = permute(hidden, slots, k, topk_weights if on_input else None)  # [P, H]
+    h = grouped_gemm(xs, w13, offsets, w13_bias, slots)  # [P, 2I]
+    a = activation(h, activation_kind, gated)  # [P, I]
+    ys = grouped_gemm(a, w2, offsets, w2_bias, slots)  # [P, H]
+    return slots, offsets, slot_to_row, xs, h, a, ys
+
+
+def fused_moe(
+    hidden, w13, w2, topk_weights, topk_ids, activation_kind="silu", gated=True,
+    w13_bias=None, w2_bias=None, apply_router_weight_on_input=False, capacity=None, expert_map=None,
+):
+    """The MoE layer's experts: plan, permute, two grouped GEMMs around the activation, weighted combine."""
+    parts = _moe_forward_parts(hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated,
+                               w13_bias, w2_bias, apply_router_weight_on_input, capacity, expert_map)
+    slot_to_row, ys = parts[2], parts[6]
+    return unpermute(ys, slot_to_row, topk_ids.shape[1], None if apply_router_weight_on_input else topk_weights)
+
+
+def fused_moe_backward(
+    grad_out, hidden, w13, w2, topk_weights, topk_ids, activation_kind="silu", gated=True,
+    w13_bias=None, w2_bias=None, apply_router_weight_on_input=False, capacity=None, expert_map=None,
+):
+    """Gradients ``(hidden, w13, w2, topk_weights, w13_bias, w2_bias)``; the forward is recomputed, so only
+    the inputs need to be kept between forward and backward."""
+    on_input = apply_router_weight_on_input
+    k = topk_ids.shape[1]
+    slots, offsets, slot_to_row, xs, h, a, ys = _moe_forward_parts(
+        hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated, w13_bias, w2_bias, on_input, capacity, expert_map)
+    g_ys = permute(grad_out, slots, k, None if on_input else topk_weights)  # [P, H]
+    g_a = grouped_gemm(g_ys, w2, offsets, None, slots, trans_w=False)  # [P, I]
+    g_h = activation_backward(g_a, h, activation_kind, gated)  # [P, 2I]
+    g_xs = grouped_gemm(g_h, w13, offsets, None, slots, trans_w=False)  # [P, H]
+    g_hidden = unpermute(g_xs, slot_to_row, k, topk_weights if on_input else None)
+    if on_input:
+        g_w = slot_dots(g_xs, slot_to_row, hidden, k)
+    else:
+        g_w = slot_dots(ys, slot_to_row, grad_out, k)
+    g_w13 = grouped_gemm_wgrad(g_h, xs, offsets)
+    g_w2 = grouped_gemm_wgrad(g_ys, a, offsets)
+    g_b13 = segment_sum(g_h, offsets) if w13_bias is not None else None
+    g_b2 = segment_sum(g_ys, offsets) if w2_bias is not None else None
+    return g_hidden, g_w13, g_w2, g_w.to(topk_weights.dtype), g_b13, g_b2
