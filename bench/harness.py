@@ -1,0 +1,330 @@
+"""The benchmark harness: timing, device ceilings, running cases, the table, CSV/JSON results."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .shapes import REPO, Shape
+
+QUANTILES = [0.5, 0.2, 0.8]
+BASELINES = ("loop", "grouped_mm")  # non-kernel rows; "torch" (the reference backend) is the third baseline
+
+
+# ----- timing ----------------------------------------------------------------------------------------
+
+
+def _quantile(sorted_xs: Sequence[float], q: float) -> float:
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def time_fn(fn: Callable[[], object], device: str, quick: bool, grads: Sequence[torch.Tensor] = ()) -> tuple[float, float, float]:
+    """``(median, p20, p80)`` of one call of ``fn`` in ms; ``grads``: leaves whose .grad is reset per call.
+
+    GPU: ``triton.testing.do_bench``. CPU: ``time.perf_counter`` after warmup, for a short time budget.
+    """
+    if device == "cuda":
+        import triton.testing
+
+        warmup, rep = (10, 40) if quick else (25, 100)
+        p50, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=list(grads) or None,
+                                                quantiles=QUANTILES)
+        return float(p50), float(p20), float(p80)
+
+    def call():
+        for g in grads:
+            g.grad = None
+        fn()
+
+    for _ in range(2):
+        call()
+    budget, min_reps, max_reps = (0.15, 3, 100) if quick else (0.5, 5, 300)
+    times: list[float] = []
+    stop = time.perf_counter() + budget
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < stop):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return tuple(_quantile(times, q) for q in QUANTILES)  # type: ignore[return-value]
+
+
+def measure_ceilings(device: str, quick: bool) -> dict:
+    """Copy bandwidth (bytes read + written) and dense matmul rate, measured once per run."""
+    if device == "cuda":
+        n_copy, n_mm, dtype = 1 << 29, 8192, torch.bfloat16  # 1 GiB each way; bf16 tensor-core matmul
+    else:
+        n_copy, n_mm, dtype = 1 << 24, 1024, torch.float32  # 64 MiB each way; keeps the CPU run under ~1 s
+    src = torch.randn(n_copy, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    ms_copy = time_fn(lambda: dst.copy_(src), device, quick)[0]
+    del src, dst
+    a = torch.randn(n_mm, n_mm, device=device).to(dtype)
+    b = torch.randn(n_mm, n_mm, device=device).to(dtype)
+    ms_mm = time_fn(lambda: a @ b, device, quick)[0]
+    return {
+        "copy_gbps": 2 * n_copy * dtype.itemsize / ms_copy / 1e6,
+        "matmul_tflops": 2 * n_mm**3 / ms_mm / 1e9,
+        "copy_bytes": 2 * n_copy * dtype.itemsize,
+        "matmul_n": n_mm,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+# ----- cases and rows --------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One row to measure: ``fn()`` runs the op once on prepared inputs."""
+
+    op: str
+    shape: Shape
+    backend: str  # a moe_kernels backend, or a baseline in BASELINES
+    fn: Callable[[], object] | None  # None: skipped, ``note`` says why
+    flops: int = 0
+    bytes: int = 0
+    grads: Sequence[torch.Tensor] = ()
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _flat_tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat_tensors(o)]
+    if hasattr(out, "__dataclass_fields__"):
+        return [t for f in out.__dataclass_fields__ for t in _flat_tensors(getattr(out, f))]
+    return []
+
+
+def output_error(out, ref) -> float | None:
+    """Largest relative error (norm of difference over norm of reference) over the output tensors."""
+    a, b = _flat_tensors(out), _flat_tensors(ref)
+    if not a or len(a) != len(b):
+        return None
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return float("inf")
+        x, y = x.detach().double(), y.detach().double()
+        worst = max(worst, ((x - y).norm() / y.norm().clamp(min=1e-30)).item())
+    return worst
+
+
+def run_case(case: Case, device: str, quick: bool, ceilings: dict, ref_out=None) -> tuple[dict, object]:
+    """Measure one case; returns its result row and its output (for comparison with other rows)."""
+    s = case.shape
+    row = {
+        "op": case.op, "model": s.model, "shape": s.label, "T": s.T, "H": s.H, "I": s.I, "E": s.E, "k": s.k,
+        "dtype": str(s.dtype).replace("torch.", ""), "backend": case.backend,
+        "kind": "baseline" if case.backend in BASELINES else "kernel",
+        "median_ms": None, "p20_ms": None, "p80_ms": None, "flops": case.flops, "bytes": case.bytes,
+        "tflops": None, "gbps": None, "bound": None, "frac_ceiling": None,
+        "vs_ref": None, "vs_loop": None, "vs_grouped_mm": None, "err_vs_ref": None, "note": case.note,
+    }
+    if case.fn is None:
+        return row, None
+    out = None
+    try:
+        out = case.fn()  # also the first warmup; forward rows return their output
+        if ref_out is not None and out is not None:
+            row["err_vs_ref"] = output_error(out, ref_out)
+        row["median_ms"], row["p20_ms"], row["p80_ms"] = time_fn(case.fn, device, quick, case.grads)
+    except Exception as exc:  # a backend refusing these inputs, or a failing baseline: keep going
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        row["note"] = ("skipped: " if "cannot serve" in msg else "error: ") + msg
+        return row, None
+    sec = row["median_ms"] / 1e3
+    row["tflops"] = case.flops / sec / 1e12
+    row["gbps"] = case.bytes / sec / 1e9
+    t_flop = case.flops / (ceilings["matmul_tflops"] * 1e12)
+    t_byte = case.bytes / (ceilings["copy_gbps"] * 1e9)
+    row["bound"] = "compute" if t_flop >= t_byte else "memory"
+    row["frac_ceiling"] = max(t_flop, t_byte) / sec
+    return row, out
+
+
+def fill_ratios(rows: list[dict]) -> None:
+    """Speedups of each row of one (op, shape) group against the reference and the baselines."""
+    by_backend = {r["backend"]: r["median_ms"] for r in rows if r["median_ms"]}
+    for r in rows:
+        if not r["median_ms"]:
+            continue
+        for col, base in (("vs_ref", "torch"), ("vs_loop", "loop"), ("vs_grouped_mm", "grouped_mm")):
+            if by_backend.get(base):
+                r[col] = by_backend[base] / r["median_ms"]
+
+
+# ----- progress --------------------------------------------------------------------------------------
+
+
+class Progress:
+    """tqdm when it is installed, else a counter on stderr."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.n, self.desc = total, 0, desc
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        except ImportError:
+            self.bar = None
+        self.tty = sys.stderr.isatty()
+
+    def update(self, what: str) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
+        elif self.tty:
+            sys.stderr.write(f"\r\x1b[K{self.desc} [{self.n}/{self.total}] {what}")
+            sys.stderr.flush()
+        elif self.n == self.total or self.n % max(1, self.total // 10) == 0:
+            sys.stderr.write(f"{self.desc} [{self.n}/{self.total}] {what}\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.tty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+# ----- table and files -------------------------------------------------------------------------------
+
+
+def _fmt(v, spec: str, suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def format_table(rows: list[dict], ceilings: dict) -> str:
+    """Aligned text table: one line per row, a blank line between shapes."""
+    head = ["op", "model/shape", "backend", "median ms", "throughput", "ceiling", "vs ref", "vs loop", "vs gmm", "note"]
+    lines, prev = [], None
+    for r in rows:
+        if prev is not None and r["shape"] != prev:
+            lines.append(None)
+        prev = r["shape"]
+        if r["median_ms"] is None:
+            thr = "-"
+        elif r["bound"] == "compute":
+            thr = f"{r['tflops']:.3g} TFLOP/s"
+        else:
+            thr = f"{r['gbps']:.3g} GB/s"
+        note = r["note"]
+        err = r["err_vs_ref"]
+        if err is not None and err > (1e-4 if r["dtype"] in ("float32", "float64") else 3e-2):
+            note = f"{note}; " if note else ""
+            note += f"rel err vs ref {err:.1e}"
+        ms = r["median_ms"]
+        lines.append([r["op"], r["shape"], r["backend"], "-" if ms is None else f"{ms:.4g}", thr,
+                      _fmt(None if r["frac_ceiling"] is None else 100 * r["frac_ceiling"], ".1f", "%"),
+                      _fmt(r["vs_ref"], ".2f", "x"), _fmt(r["vs_loop"], ".2f", "x"), _fmt(r["vs_grouped_mm"], ".2f", "x"), note])
+    body = [row for row in lines if row is not None]
+    widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i]) for i in range(len(head))]
+    widths[-1] = 0
+    right = {3, 4, 5, 6, 7, 8}
+
+    def render(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, {ceilings['dtype']} matmul {ceilings['matmul_tflops']:.3g} TFLOP/s "
+           "(ceiling = roofline time at these rates / measured time; vs X = time of X / time of the row)",
+           render(head), render(["-" * w for w in widths[:-1]] + ["----"])]
+    out += ["" if row is None else render(row) for row in lines]
+    return "\n".join(out)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        res = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def collect_meta(device: str, suite: str, **extra) -> dict:
+    """Run metadata stored with the results."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "suite": suite,
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "cpu_threads": torch.get_num_threads(),
+        "env": {k: os.environ[k] for k in ("MOE_KERNELS_POISON", "MOE_KERNELS_CHECK_VALUES", "TRITON_INTERPRET") if k in os.environ},
+        **extra,
+    }
+
+
+def device_tag(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or device
+
+
+CSV_META = ("date", "device_name", "torch", "triton", "git_commit")
+
+
+def write_results(rows: list[dict], meta: dict, out_dir: Path) -> tuple[Path, Path]:
+    """``<date>_<device>_<suite>.csv`` (one line per row, run metadata repeated in columns) and ``.json``
+    (``{"meta": ..., "rows": [...]}``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{meta['date'][:10]}_{device_tag(meta['device'])}_{meta['suite']}"
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+    cols = list(rows[0].keys()) + list(CSV_META) if rows else list(CSV_META)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **{k: meta[k] for k in CSV_META}})
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+        f.write("\n")
+    return csv_path, json_path
+
+
+def median_or_none(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
