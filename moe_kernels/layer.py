@@ -124,8 +124,9 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (fp32) and top-k choice of tokens ``x [T, H]``: ``(logits, topk_weights, topk_ids)``."""
-        bias = self.router.bias.float() if self.router.bias is not None else None
-        logits = F.linear(x.float(), self.router.weight.float(), bias)  # [T, E] fp32
+        dt = torch.promote_types(x.dtype, torch.float32)  # fp32 router (fp64 stays fp64)
+        bias = self.router.bias.to(dt) if self.router.bias is not None else None
+        logits = F.linear(x.to(dt), self.router.weight.to(dt), bias)  # [T, E]
         weights, ids = topk_gating(
             logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
             correction_bias=self.correction_bias, num_groups=self.num_groups, topk_groups=self.topk_groups,
