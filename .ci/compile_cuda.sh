@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile every csrc/*.cu to an object for sm_90a: a compile check only. The CPU torch wheel has no
-# CUDA libraries to link against, so nothing here is linked or run (see csrc/README.md).
+# CUDA libraries to link against, so nothing here is linked or run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 inc=$(python -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')

@@ -21,7 +21,7 @@ from .gating import (
     topk_gating,
     update_correction_bias,
 )
-from . import _cuda  # noqa: F401  (optional CUDA extension)
+from . import _cuda, _triton  # noqa: F401  (optional backends)
 from .gemm import grouped_gemm
 from .layer import MoE
 from .moe import fused_moe

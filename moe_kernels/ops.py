@@ -46,21 +46,27 @@ def _(grad_weights, logits, topk_ids, scoring, renormalize, scaling_factor):
     return torch.empty_like(logits)
 
 
-def _gating_setup(ctx, inputs, output):
-    logits, _, _, scoring, renormalize, _, _, scaling = inputs
-    ctx.save_for_backward(logits, output[1])
-    ctx.cfg = (scoring, renormalize, scaling)
+def gating_autograd(backward_op):
+    """``(backward, setup_context)`` of a topk_gating op whose logits gradient ``backward_op`` computes;
+    shared by every backend."""
+
+    def setup_context(ctx, inputs, output):
+        logits, _, _, scoring, renormalize, _, _, scaling = inputs
+        ctx.save_for_backward(logits, output[1])
+        ctx.cfg = (scoring, renormalize, scaling)
+
+    def backward(ctx, grad_weights, _grad_ids):
+        logits, ids = ctx.saved_tensors
+        grad = None
+        if grad_weights is not None and ctx.needs_input_grad[0]:
+            grad = backward_op(grad_weights, logits, ids, *ctx.cfg)
+        return grad, None, None, None, None, None, None, None
+
+    return backward, setup_context
 
 
-def _gating_backward(ctx, grad_weights, _grad_ids):
-    logits, ids = ctx.saved_tensors
-    grad = None
-    if grad_weights is not None and ctx.needs_input_grad[0]:
-        grad = topk_gating_backward(grad_weights, logits, ids, *ctx.cfg)
-    return grad, None, None, None, None, None, None, None
-
-
-topk_gating.register_autograd(_gating_backward, setup_context=_gating_setup)
+_bwd, _setup = gating_autograd(topk_gating_backward)
+topk_gating.register_autograd(_bwd, setup_context=_setup)
 
 # ----- routing ---------------------------------------------------------------------------------------
 

@@ -1,0 +1,192 @@
+"""Fused top-k gating in one pass over the logits: scores, bias, group-limited selection, top-k,
+renormalisation and scaling; and its backward.
+
+Selection keys: a score ``v`` is turned into an int64 whose order is the order of (``v`` descending,
+column ascending): the fp32 bits mapped to a monotone int32 in the high word, ``BLOCK_E-1-col`` in
+the low word. Every key in a row is unique, so one ``max`` finds the best expert and ties go to the
+lower index, exactly as the reference. NaN ranks below every number (as ``-inf``); columns past E
+and experts outside the chosen groups get keys below every real one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import identity_launch, next_pow2
+
+KEY_TAKEN = -(2**63)  # padding columns and experts already chosen
+KEY_EXCLUDED = -(2**63) + 1  # experts of groups that were not chosen
+
+
+@triton.jit
+def _select_key(v, col, BLOCK: tl.constexpr):
+    v = tl.where(v != v, float("-inf"), v) + 0.0  # NaN -> -inf; -0.0 -> +0.0
+    bits = v.to(tl.int32, bitcast=True)
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+    return (mono.to(tl.int64) << 32) | (BLOCK - 1 - col).to(tl.int64)
+
+
+@triton.jit
+def _scores(logits_ptr, rows, cols, T, E, stride_t, stride_e, SOFTMAX: tl.constexpr):
+    """fp32 scores [BLOCK_T, BLOCK_E]; columns past E hold 0."""
+    rmask, cmask = rows < T, cols < E
+    ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :].to(tl.int64) * stride_e
+    x = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    x = tl.where(cmask[None, :], x, float("-inf"))
+    if SOFTMAX:
+        p = tl.exp(x - tl.max(x, 1)[:, None])
+        p = tl.where(cmask[None, :], p, 0.0)
+        s = p / tl.sum(p, 1)[:, None]
+    else:
+        s = tl.sigmoid(x)
+    return tl.where(cmask[None, :], s, 0.0)
+
+
+@triton.jit
+def topk_gating_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+    T, E, stride_t, stride_e, top_k, num_groups, topk_groups, group_size, scaling,
+    HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, RENORM: tl.constexpr, GROUPED: tl.constexpr,
+    GROUP_TOP2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    s = _scores(logits_ptr, rows, cols, T, E, stride_t, stride_e, SOFTMAX)  # [BT, BE] fp32
+    sel = s
+    if HAS_BIAS:
+        sel = s + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    key = tl.where(cmask[None, :], _select_key(sel, cols[None, :], BLOCK_E), KEY_TAKEN)  # [BT, BE] int64
+
+    if GROUPED:
+        clean = tl.where(cmask[None, :] & (sel == sel), sel, float("-inf"))
+        gcol = cols // group_size
+        gidx = tl.arange(0, BLOCK_G)
+        gscore = tl.full([BLOCK_T, BLOCK_G], float("-inf"), tl.float32)
+        for g in range(num_groups):
+            in_g = (gcol == g)[None, :] & cmask[None, :]
+            best = tl.max(tl.where(in_g, clean, float("-inf")), 1)
+            if GROUP_TOP2:  # sum of the two best selection scores of the group
+                best_key = tl.max(tl.where(in_g, key, KEY_TAKEN), 1)
+                second = tl.max(tl.where(in_g & (key != best_key[:, None]), clean, float("-inf")), 1)
+                best = best + second
+            gscore = tl.where(gidx[None, :] == g, best[:, None], gscore)
+        gkey = tl.where((gidx < num_groups)[None, :], _select_key(gscore, gidx[None, :], BLOCK_G), KEY_TAKEN)
+        chosen = gidx[None, :] < 0  # all False, [BT, BG]
+        for _ in range(topk_groups):
+            hit = gkey == tl.max(gkey, 1)[:, None]
+            chosen = chosen | hit
+            gkey = tl.where(hit, KEY_TAKEN, gkey)
+        allowed = cols[None, :] < 0  # all False, [BT, BE]
+        for g in range(num_groups):
+            g_on = tl.sum(tl.where(chosen & (gidx[None, :] == g), 1, 0), 1) > 0
+            allowed = allowed | ((gcol == g)[None, :] & g_on[:, None])
+        key = tl.where(allowed | ~cmask[None, :], key, KEY_EXCLUDED)
+
+    kcol = tl.arange(0, BLOCK_K)
+    w_out = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+    id_out = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+    for j in range(top_k):
+        best = tl.max(key, 1)
+        hit = key == best[:, None]
+        w_j = tl.sum(tl.where(hit, s, 0.0), 1)
+        id_j = (BLOCK_E - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
+        w_out = tl.where(kcol[None, :] == j, w_j[:, None], w_out)
+        id_out = tl.where(kcol[None, :] == j, id_j[:, None], id_out)
+        key = tl.where(hit, KEY_TAKEN, key)
+    if RENORM:
+        denom = tl.sum(w_out, 1)
+        if not SOFTMAX:
+            denom = denom + 1e-20
+        w_out = w_out / denom[:, None]
+    w_out = w_out * scaling
+    out_off = rows[:, None] * top_k + kcol[None, :]
+    out_mask = (rows < T)[:, None] & (kcol < top_k)[None, :]
+    tl.store(weights_ptr + out_off, w_out, mask=out_mask)
+    tl.store(ids_ptr + out_off, id_out, mask=out_mask)
+
+
+@triton.jit
+def topk_gating_backward_kernel(
+    grad_w_ptr, logits_ptr, ids_ptr, grad_logits_ptr,
+    T, E, stride_t, stride_e, top_k, scaling,
+    SOFTMAX: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    kcol = tl.arange(0, BLOCK_K)
+    rmask, cmask = rows < T, cols < E
+    s = _scores(logits_ptr, rows, cols, T, E, stride_t, stride_e, SOFTMAX)  # [BT, BE]
+    kmask = rmask[:, None] & (kcol < top_k)[None, :]
+    koff = rows[:, None] * top_k + kcol[None, :]
+    dw = tl.load(grad_w_ptr + koff, mask=kmask, other=0.0).to(tl.float32) * scaling  # [BT, BK]
+    ids = tl.load(ids_ptr + koff, mask=kmask, other=-1)
+    # g[t, j] = s[t, ids[t, j]]: unnormalised weights
+    g = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+    for j in range(top_k):
+        id_j = tl.sum(tl.where(kcol[None, :] == j, ids, 0), 1)
+        g_j = tl.sum(tl.where(cols[None, :] == id_j[:, None], s, 0.0), 1)
+        g = tl.where(kcol[None, :] == j, g_j[:, None], g)
+    if RENORM:
+        denom = tl.sum(g, 1)
+        if not SOFTMAX:
+            denom = denom + 1e-20
+        dg = dw / denom[:, None] - (tl.sum(dw * g, 1) / (denom * denom))[:, None]
+    else:
+        dg = dw
+    ds = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+    for j in range(top_k):
+        id_j = tl.sum(tl.where(kcol[None, :] == j, ids, 0), 1)
+        dg_j = tl.sum(tl.where(kcol[None, :] == j, dg, 0.0), 1)
+        ds = tl.where(cols[None, :] == id_j[:, None], ds + dg_j[:, None], ds)
+    if SOFTMAX:
+        dx = s * (ds - tl.sum(ds * s, 1)[:, None])
+    else:
+        dx = ds * s * (1.0 - s)
+    out = grad_logits_ptr + rows[:, None] * E + cols[None, :]
+    tl.store(out, dx.to(grad_logits_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def _blocks(T: int, E: int, k: int, budget: int = 4096):
+    block_e = max(next_pow2(E), 16)
+    block_t = max(1, min(128, budget // block_e, next_pow2(max(T, 1))))
+    return block_t, block_e, max(next_pow2(k), 2)
+
+
+def topk_gating(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, *, launch=identity_launch, empty):
+    """Launcher: ``logits [T, E]`` -> ``(weights [T, k] fp32, ids [T, k] int32)``; arguments already checked."""
+    T, E = logits.shape
+    weights = empty((T, top_k), dtype=torch.float32, device=logits.device)
+    ids = empty((T, top_k), dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return weights, ids
+    block_t, block_e, block_k = _blocks(T, E, top_k)
+    grouped = num_groups > 1
+    launch(topk_gating_kernel)[(triton.cdiv(T, block_t),)](
+        logits, bias if bias is not None else logits, weights, ids,
+        T, E, logits.stride(0), logits.stride(1), top_k, num_groups, topk_groups, E // num_groups, scaling_factor,
+        HAS_BIAS=bias is not None, SOFTMAX=scoring == "softmax", RENORM=renormalize, GROUPED=grouped,
+        GROUP_TOP2=grouped and bias is not None and E // num_groups >= 2,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_G=max(next_pow2(num_groups), 2),
+    )
+    return weights, ids
+
+
+def topk_gating_backward(grad_weights, logits, topk_ids, scoring, renormalize, scaling_factor, *, launch=identity_launch, empty):
+    """Launcher: d loss / d logits ``[T, E]`` (dtype of logits) from d loss / d weights ``[T, k]``."""
+    T, E = logits.shape
+    k = topk_ids.shape[1]
+    grad_logits = empty((T, E), dtype=logits.dtype, device=logits.device)
+    if T == 0:
+        return grad_logits
+    block_t, block_e, block_k = _blocks(T, E, k)
+    launch(topk_gating_backward_kernel)[(triton.cdiv(T, block_t),)](
+        grad_weights.contiguous(), logits, topk_ids.contiguous(), grad_logits,
+        T, E, logits.stride(0), logits.stride(1), k, scaling_factor,
+        SOFTMAX=scoring == "softmax", RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+    )
+    return grad_logits
+
