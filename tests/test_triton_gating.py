@@ -1,0 +1,134 @@
+"""The Triton top-k gating kernels against the float64 reference (interpreter on CPU, GPU where present)."""
+
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels import reference as ref
+from moe_kernels.testing import assert_close
+
+pytestmark = pytest.mark.skipif(not mk.backends()["triton"].available, reason=mk.backends()["triton"].reason)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (T, E, k, num_groups, topk_groups): the issue's grid, trimmed for the interpreter
+CASES = [
+    (0, 8, 2, 1, 1), (1, 1, 1, 1, 1), (3, 2, 2, 1, 1), (1000, 8, 2, 1, 1), (37, 60, 4, 4, 2), (3, 64, 8, 8, 4),
+    (5, 128, 8, 4, 1), (1000, 64, 8, 1, 1), (9, 256, 8, 8, 4), (3, 257, 8, 1, 1), (2, 257, 257, 1, 1),
+    (4, 384, 8, 1, 1), (3, 512, 2, 8, 8), (1, 512, 512, 1, 1), (6, 60, 60, 4, 4),
+]
+
+
+def expected(logits, k, scoring, renormalize, bias, groups, topk_groups, scaling):
+    return ref.topk_gating(logits.double(), k, scoring, renormalize, None if bias is None else bias.double(),
+                           groups, topk_groups, scaling)
+
+
+def check_ids(ids, exp_ids, sel):
+    """Ids equal, except where the two candidates' selection scores are within 1e-6 relative."""
+    assert ids.dtype == torch.int32
+    diff = ids.cpu() != exp_ids.cpu()
+    if diff.any():
+        rows = diff.any(1).nonzero().flatten()
+        for t in rows.tolist():
+            a = sel[t, ids[t].long().cpu()]
+            b = sel[t, exp_ids[t].long().cpu()]
+            close = ((a - b).abs() <= 1e-6 * torch.maximum(a.abs(), b.abs())) | (a == b)
+            assert close.all(), f"row {t}: ids {ids[t].tolist()} != {exp_ids[t].tolist()}"
+
+
+@pytest.mark.parametrize("T,E,k,groups,topk_groups", CASES)
+@pytest.mark.parametrize("scoring,renormalize,with_bias,scaling", [
+    ("softmax", True, False, 1.0), ("sigmoid", True, True, 2.5), ("softmax", False, True, 1.0), ("sigmoid", False, False, 1.0)])
+def test_topk_gating_triton_matches_reference(T, E, k, groups, topk_groups, scoring, renormalize, with_bias, scaling):
+    logits = torch.randn(T, E, device=DEV) * 3
+    bias = torch.randn(E, device=DEV) * 0.1 if with_bias else None
+    w, ids = mk.topk_gating(logits, k, scoring=scoring, renormalize=renormalize, correction_bias=bias,
+                            num_groups=groups, topk_groups=topk_groups, scaling_factor=scaling, backend="triton")
+    ew, eids = expected(logits, k, scoring, renormalize, bias, groups, topk_groups, scaling)
+    s = torch.softmax(logits.double(), -1) if scoring == "softmax" else torch.sigmoid(logits.double())
+    check_ids(ids, eids, (s + (bias.double() if bias is not None else 0)).cpu())
+    if torch.equal(ids.cpu(), eids.cpu()):
+        assert_close("topk_weights", w, ew, rms_tol=1e-6)
+    assert w.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_topk_gating_triton_low_precision_logits(dtype):
+    logits = (torch.randn(33, 60, device=DEV) * 2).to(dtype)
+    w, ids = mk.topk_gating(logits, 4, num_groups=4, topk_groups=2, backend="triton")
+    ew, eids = expected(logits, 4, "softmax", True, None, 4, 2, 1.0)
+    check_ids(ids, eids, torch.softmax(logits.double(), -1).cpu())
+    assert_close("topk_weights", w, ew, rms_tol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ties", "equal_rows", "neg_inf", "pos_inf", "nan", "huge", "all_nan"])
+@pytest.mark.parametrize("scoring,groups", [("softmax", 1), ("sigmoid", 4)])
+def test_topk_gating_triton_adversarial(kind, scoring, groups):
+    T, E, k = 6, 16, 4
+    logits = torch.randn(T, E, device=DEV)
+    if kind == "ties":
+        logits = torch.randint(0, 3, (T, E), device=DEV).float()
+    elif kind == "equal_rows":
+        logits = torch.full((T, E), 0.5, device=DEV)
+    elif kind == "neg_inf":
+        logits[:, ::3] = float("-inf")
+    elif kind == "pos_inf":
+        logits[:, 5] = float("inf")
+    elif kind == "nan":
+        logits[::2, 1::2] = float("nan")
+    elif kind == "huge":
+        logits = logits * 1e30
+    elif kind == "all_nan":
+        logits[:] = float("nan")
+    bias = torch.zeros(E, device=DEV) if scoring == "sigmoid" else None
+    w, ids = mk.topk_gating(logits, k, scoring=scoring, correction_bias=bias, num_groups=groups,
+                            topk_groups=min(groups, 2), backend="triton")
+    assert ((ids >= 0) & (ids < E)).all()
+    assert (ids.sort(1).values.diff(dim=1) > 0).all(), "ids of a token must be distinct"
+    _, eids = expected(logits, k, scoring, True, bias, groups, min(groups, 2), 1.0)
+    assert torch.equal(ids.cpu(), eids.cpu()), f"{kind}: {ids.tolist()} != {eids.tolist()}"
+
+
+@pytest.mark.parametrize("scoring,renormalize,groups,with_bias", [
+    ("softmax", True, 1, False), ("softmax", False, 4, False), ("sigmoid", True, 4, True), ("sigmoid", False, 1, True)])
+def test_topk_gating_triton_backward(scoring, renormalize, groups, with_bias):
+    T, E, k = 23, 32, 4
+    logits = torch.randn(T, E, device=DEV, requires_grad=True)
+    bias = torch.randn(E, device=DEV) * 0.1 if with_bias else None
+    g = torch.randn(T, k, device=DEV)
+    w, ids = mk.topk_gating(logits, k, scoring=scoring, renormalize=renormalize, correction_bias=bias,
+                            num_groups=groups, topk_groups=2 if groups > 1 else 1, scaling_factor=1.7, backend="triton")
+    (w * g).sum().backward()
+    x64 = logits.detach().double().requires_grad_()
+    ew, eids = mk.topk_gating(x64, k, scoring=scoring, renormalize=renormalize, correction_bias=bias,
+                              num_groups=groups, topk_groups=2 if groups > 1 else 1, scaling_factor=1.7, backend="torch")
+    assert torch.equal(ids, eids)
+    (ew * g.double()).sum().backward()
+    assert_close("grad logits", logits.grad, x64.grad, rms_tol=1e-6)
+
+
+def test_topk_gating_triton_refuses_fp64():
+    with pytest.raises(ValueError, match="float64"):
+        mk.topk_gating(torch.randn(3, 8, dtype=torch.float64, device=DEV), 2, backend="triton")
+
+
+def test_topk_gating_triton_noncontiguous_logits():
+    base = torch.randn(40, 24, device=DEV)
+    logits = base.t()[:, :16]  # [24, 16] with strides (1, 24)
+    w, ids = mk.topk_gating(logits, 3, backend="triton")
+    ew, eids = expected(logits, 3, "softmax", True, None, 1, 1, 1.0)
+    assert torch.equal(ids.cpu(), eids.cpu())
+    assert_close("topk_weights", w, ew, rms_tol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of a triton_op needs a GPU")
+def test_topk_gating_triton_compile_and_opcheck():
+    logits = torch.randn(64, 128, device="cuda", requires_grad=True)
+    bias = torch.randn(128, device="cuda")
+    torch.library.opcheck(torch.ops.moe_kernels.topk_gating_triton.default, (logits, bias, 8, "sigmoid", True, 8, 4, 2.5))
+    f = torch.compile(lambda x: mk.topk_gating(x, 8, backend="triton")[0].sum(), fullgraph=True, dynamic=True)
+    for T in (17, 64):
+        x = torch.randn(T, 128, device="cuda", requires_grad=True)
+        f(x).backward()
+        assert x.grad is not None
