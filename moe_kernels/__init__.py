@@ -13,6 +13,7 @@ Public API (every function takes ``backend="auto" | "torch" | "triton" | "cuda"`
 
 from ._backends import BackendInfo, backends
 from .gating import (
+    GatingStats,
     RoutingStats,
     expert_counts,
     load_balancing_loss,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendInfo",
+    "GatingStats",
     "MoE",
     "RoutingPlan",
     "RoutingStats",

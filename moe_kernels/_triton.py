@@ -39,17 +39,18 @@ if _gating is not None:
     @triton_op("moe_kernels::topk_gating_triton", mutates_args=())
     def topk_gating_triton(
         logits: Tensor, correction_bias: Optional[Tensor], top_k: int, scoring: str, renormalize: bool,
-        num_groups: int, topk_groups: int, scaling_factor: float,
-    ) -> Tuple[Tensor, Tensor]:
+        num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         return _gating.topk_gating(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups,
-                                   scaling_factor, launch=wrap_triton, empty=_empty)
+                                   scaling_factor, with_stats, launch=wrap_triton, empty=_empty)
 
     @triton_op("moe_kernels::topk_gating_backward_triton", mutates_args=())
     def topk_gating_backward_triton(
-        grad_weights: Tensor, logits: Tensor, topk_ids: Tensor, scoring: str, renormalize: bool, scaling_factor: float
+        grad_weights: Tensor, grad_score_sums: Optional[Tensor], logits: Tensor, topk_ids: Tensor, scoring: str,
+        renormalize: bool, scaling_factor: float,
     ) -> Tensor:
-        return _gating.topk_gating_backward(grad_weights, logits, topk_ids, scoring, renormalize, scaling_factor,
-                                            launch=wrap_triton, empty=_empty)
+        return _gating.topk_gating_backward(grad_weights, grad_score_sums, logits, topk_ids, scoring, renormalize,
+                                            scaling_factor, launch=wrap_triton, empty=_empty)
 
     _bwd, _setup = gating_autograd(topk_gating_backward_triton)
     topk_gating_triton.register_autograd(_bwd, setup_context=_setup)

@@ -8,6 +8,7 @@ import torch
 
 from . import _backends, _checks
 from . import ops  # noqa: F401  (registers torch.ops.moe_kernels.*)
+from . import reference as ref
 
 _FN = "topk_gating"
 _OPS = torch.ops.moe_kernels
@@ -48,8 +49,9 @@ def topk_gating(
     num_groups: int = 1,
     topk_groups: int = 1,
     scaling_factor: float = 1.0,
+    return_stats: bool = False,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+):
     """Score the experts of every token and keep the top k.
 
     ============== ========== ============ =====================================================
@@ -68,6 +70,9 @@ def topk_gating(
     when a correction bias is given) and only the ``topk_groups`` best groups are eligible.
     NaN scores rank below every number, so ids are always in ``[0, E)``.
 
+    ``return_stats=True`` returns ``(topk_weights, topk_ids, GatingStats)``, the statistics of the
+    load-balancing loss computed in the same pass (pass them to :func:`load_balancing_loss`).
+
     Example::
 
         >>> w, ids = topk_gating(torch.randn(5, 8), 2)
@@ -78,7 +83,27 @@ def topk_gating(
     impl = _backends.select("topk_gating", backend, logits.device, logits, top_k, scoring=scoring, num_groups=num_groups)
     if correction_bias is not None:
         correction_bias = correction_bias.float() if correction_bias.dtype != torch.float64 else correction_bias
-    return impl(logits, correction_bias, top_k, scoring, bool(renormalize), num_groups, topk_groups, float(scaling_factor))
+    w, ids, counts, sums = impl(logits, correction_bias, top_k, scoring, bool(renormalize), num_groups, topk_groups,
+                                float(scaling_factor), bool(return_stats))
+    if return_stats:
+        return w, ids, GatingStats(counts, sums, logits.shape[0], top_k, scoring)
+    return w, ids
+
+
+@dataclass(frozen=True)
+class GatingStats:
+    """Statistics of one routing decision, from the gating pass itself.
+
+    ``tokens_per_expert`` [E] int32: slots routed to each expert; ``score_sums`` [E] fp32: per expert,
+    the sum over tokens of its probability (softmax scores, or sigmoid scores normalised per token);
+    differentiable with respect to the logits.
+    """
+
+    tokens_per_expert: torch.Tensor
+    score_sums: torch.Tensor
+    num_tokens: int
+    top_k: int
+    scoring: str
 
 
 def expert_counts(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "auto") -> torch.Tensor:
@@ -91,7 +116,12 @@ def expert_counts(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "a
 
 
 def load_balancing_loss(
-    logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *, scoring: str = "softmax"
+    logits: torch.Tensor | None = None,
+    topk_ids: torch.Tensor | None = None,
+    num_experts: int | None = None,
+    *,
+    scoring: str = "softmax",
+    stats: GatingStats | None = None,
 ) -> torch.Tensor:
     """Switch/GShard auxiliary loss ``E * sum_e f_e * P_e`` (1.0 for perfectly even routing).
 
@@ -99,21 +129,29 @@ def load_balancing_loss(
     -1 excluded), ``P_e`` the mean router probability of e (softmax of the logits, or the sigmoid
     scores normalised per token for ``scoring="sigmoid"``). Differentiable in ``logits``.
     Hugging Face's Mixtral loss is ``top_k`` times this value.
+
+    With ``stats`` (from ``topk_gating(..., return_stats=True)``) nothing else is needed: the loss
+    comes from the statistics the gating pass already computed, without another pass over the logits.
     """
     fn = "load_balancing_loss"
+    if stats is not None:
+        if not isinstance(stats, GatingStats):
+            raise TypeError(f"{fn}: stats must be a GatingStats (topk_gating(..., return_stats=True)), got {type(stats).__name__}")
+        E = stats.score_sums.shape[0]
+        p = stats.score_sums / max(stats.num_tokens, 1)
+        f = stats.tokens_per_expert.to(p.dtype) / max(stats.num_tokens * stats.top_k, 1)
+        return E * (f * p).sum()
+    if logits is None or topk_ids is None or num_experts is None:
+        raise ValueError(f"{fn}: give either logits, topk_ids and num_experts, or stats")
     _checks.check_tensor(fn, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
     _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(logits.shape[0], None), layout="[T, k]")
     _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
     if logits.shape[1] != num_experts:
         raise ValueError(f"{fn}: logits must have num_experts={num_experts} columns, got shape {tuple(logits.shape)}")
     T, k = topk_ids.shape
-    x = logits.float() if logits.dtype != torch.float64 else logits
-    if scoring == "softmax":
-        probs = torch.softmax(x, -1)
-    else:
-        s = torch.sigmoid(x)
-        probs = s / (s.sum(-1, keepdim=True) + 1e-20)
-    p = probs.sum(0) / max(T, 1)
+    x = logits.to(ref.acc_dtype(logits.dtype))
+    s = torch.softmax(x, -1) if scoring == "softmax" else torch.sigmoid(x)
+    p = ref.balance_scores(s, scoring).sum(0) / max(T, 1)
     f = expert_counts(topk_ids, num_experts).to(p.dtype) / max(T * k, 1)
     return num_experts * (f * p).sum()
 
@@ -121,7 +159,7 @@ def load_balancing_loss(
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2`` (0 for no tokens)."""
     _checks.check_tensor("router_z_loss", "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
-    x = logits.float() if logits.dtype != torch.float64 else logits
+    x = logits.to(ref.acc_dtype(logits.dtype))
     return torch.logsumexp(x, -1).square().sum() / max(logits.shape[0], 1)
 
 

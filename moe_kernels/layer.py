@@ -122,24 +122,25 @@ class MoE(nn.Module):
                     bound = 1.0 / math.sqrt(fan_in)
                     p.uniform_(-bound, bound)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits (fp32) and top-k choice of tokens ``x [T, H]``: ``(logits, topk_weights, topk_ids)``."""
+    def route(self, x: torch.Tensor):
+        """Router logits (fp32) and top-k choice of tokens ``x [T, H]``: ``(logits, topk_weights, topk_ids, stats)``;
+        ``stats`` (:class:`GatingStats`, from the same pass) when the load-balancing loss is on, else None."""
         dt = torch.promote_types(x.dtype, torch.float32)  # fp32 router (fp64 stays fp64)
         bias = self.router.bias.to(dt) if self.router.bias is not None else None
         logits = F.linear(x.to(dt), self.router.weight.to(dt), bias)  # [T, E]
-        weights, ids = topk_gating(
+        out = topk_gating(
             logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
             correction_bias=self.correction_bias, num_groups=self.num_groups, topk_groups=self.topk_groups,
-            scaling_factor=self.scaling_factor, backend=self.backend,
+            scaling_factor=self.scaling_factor, return_stats=bool(self.aux_loss_coef), backend=self.backend,
         )
-        return logits, weights, ids
+        return (logits, *out) if self.aux_loss_coef else (logits, *out, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE: input must have shape [..., {self.hidden_size}], got {tuple(x.shape)}")
         shape = x.shape
         x = x.reshape(-1, self.hidden_size)
-        logits, weights, ids = self.route(x)
+        logits, weights, ids, stats = self.route(x)
         capacity = None
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * x.shape[0] * self.top_k / self.num_experts)
@@ -156,7 +157,7 @@ class MoE(nn.Module):
             self.last_stats = routing_stats(ids, self.num_experts)
         aux = logits.new_zeros(())
         if self.aux_loss_coef:
-            aux = aux + self.aux_loss_coef * load_balancing_loss(logits, ids, self.num_experts, scoring=self.scoring)
+            aux = aux + self.aux_loss_coef * load_balancing_loss(stats=stats)
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * router_z_loss(logits)
         self.aux_loss = aux

@@ -23,44 +23,56 @@ from . import reference as ref
 @custom_op("moe_kernels::topk_gating", mutates_args=())
 def topk_gating(
     logits: Tensor, correction_bias: Optional[Tensor], top_k: int, scoring: str, renormalize: bool,
-    num_groups: int, topk_groups: int, scaling_factor: float,
-) -> Tuple[Tensor, Tensor]:
-    return ref.topk_gating(logits, top_k, scoring, renormalize, correction_bias, num_groups, topk_groups, scaling_factor)
+    num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    w, ids = ref.topk_gating(logits, top_k, scoring, renormalize, correction_bias, num_groups, topk_groups, scaling_factor)
+    counts, sums = ref.gating_stats(logits, ids, scoring) if with_stats else (ids.new_empty(0), w.new_empty(0))
+    return w, ids, counts, sums
 
 
-@topk_gating.register_fake
-def _(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor):
-    T = logits.shape[0]
-    return logits.new_empty(T, top_k, dtype=ref.acc_dtype(logits.dtype)), logits.new_empty(T, top_k, dtype=torch.int32)
+def gating_fake(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, with_stats):
+    T, E = logits.shape
+    n = E if with_stats else 0
+    f = ref.acc_dtype(logits.dtype)
+    return (logits.new_empty(T, top_k, dtype=f), logits.new_empty(T, top_k, dtype=torch.int32),
+            logits.new_empty(n, dtype=torch.int32), logits.new_empty(n, dtype=f))
+
+
+topk_gating.register_fake(gating_fake)
 
 
 @custom_op("moe_kernels::topk_gating_backward", mutates_args=())
 def topk_gating_backward(
-    grad_weights: Tensor, logits: Tensor, topk_ids: Tensor, scoring: str, renormalize: bool, scaling_factor: float
+    grad_weights: Tensor, grad_score_sums: Optional[Tensor], logits: Tensor, topk_ids: Tensor, scoring: str,
+    renormalize: bool, scaling_factor: float,
 ) -> Tensor:
-    return ref.topk_gating_backward(grad_weights, logits, topk_ids, scoring, renormalize, scaling_factor)
+    return ref.topk_gating_backward(grad_weights, logits, topk_ids, scoring, renormalize, scaling_factor, grad_score_sums)
 
 
 @topk_gating_backward.register_fake
-def _(grad_weights, logits, topk_ids, scoring, renormalize, scaling_factor):
+def _(grad_weights, grad_score_sums, logits, topk_ids, scoring, renormalize, scaling_factor):
     return torch.empty_like(logits)
 
 
 def gating_autograd(backward_op):
     """``(backward, setup_context)`` of a topk_gating op whose logits gradient ``backward_op`` computes;
-    shared by every backend."""
+    shared by every backend. Gradients reach the logits through the weights and the score sums."""
 
     def setup_context(ctx, inputs, output):
-        logits, _, _, scoring, renormalize, _, _, scaling = inputs
+        logits, _, _, scoring, renormalize, _, _, scaling, _ = inputs
         ctx.save_for_backward(logits, output[1])
         ctx.cfg = (scoring, renormalize, scaling)
 
-    def backward(ctx, grad_weights, _grad_ids):
+    def backward(ctx, grad_weights, _grad_ids, _grad_counts, grad_sums):
         logits, ids = ctx.saved_tensors
         grad = None
-        if grad_weights is not None and ctx.needs_input_grad[0]:
-            grad = backward_op(grad_weights, logits, ids, *ctx.cfg)
-        return grad, None, None, None, None, None, None, None
+        if ctx.needs_input_grad[0] and (grad_weights is not None or grad_sums is not None):
+            if grad_weights is None:
+                grad_weights = torch.zeros(ids.shape, dtype=ref.acc_dtype(logits.dtype), device=logits.device)
+            if grad_sums is not None and grad_sums.numel() == 0:
+                grad_sums = None
+            grad = backward_op(grad_weights, grad_sums, logits, ids, *ctx.cfg)
+        return grad, None, None, None, None, None, None, None, None
 
     return backward, setup_context
 

@@ -85,6 +85,25 @@ def topk_gating(
     return w * scaling_factor, ids.to(torch.int32)
 
 
+def balance_scores(s: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Per-token expert probabilities that the load-balancing loss averages: softmax scores as they
+    are, sigmoid scores normalised per token."""
+    return s if scoring == "softmax" else s / (s.sum(-1, keepdim=True) + 1e-20)
+
+
+def gating_stats(logits: torch.Tensor, topk_ids: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens_per_expert [E] int32, score_sums [E])``: slots per expert and the per-expert sum over
+    tokens of :func:`balance_scores`, the two statistics of the load-balancing loss."""
+    E = logits.shape[1]
+    return expert_counts(topk_ids, E), balance_scores(_scores(logits, scoring), scoring).sum(0)
+
+
+def _score_backward(s: torch.Tensor, ds: torch.Tensor, scoring: str) -> torch.Tensor:
+    if scoring == "softmax":
+        return s * (ds - (ds * s).sum(-1, keepdim=True))
+    return ds * s * (1 - s)
+
+
 def topk_gating_backward(
     grad_weights: torch.Tensor,
     logits: torch.Tensor,
@@ -92,8 +111,10 @@ def topk_gating_backward(
     scoring: str,
     renormalize: bool,
     scaling_factor: float,
+    grad_score_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """d loss / d logits from d loss / d topk_weights (the correction bias only selects)."""
+    """d loss / d logits from d loss / d topk_weights and, optionally, d loss / d score_sums of
+    :func:`gating_stats` (the correction bias only selects, so it gets no gradient)."""
     s = _scores(logits, scoring)
     ids = topk_ids.long()
     g = s.gather(1, ids)  # [T, k] unnormalised weights
@@ -104,11 +125,14 @@ def topk_gating_backward(
     else:
         dg = dw
     ds = torch.zeros_like(s).scatter_add_(1, ids, dg)  # [T, E]
-    if scoring == "softmax":
-        dx = s * (ds - (ds * s).sum(-1, keepdim=True))
-    else:
-        dx = ds * s * (1 - s)
-    return dx.to(logits.dtype)
+    if grad_score_sums is not None:
+        dq = grad_score_sums.to(s.dtype)[None, :].expand_as(s)
+        if scoring == "softmax":
+            ds = ds + dq
+        else:
+            z = s.sum(-1, keepdim=True) + 1e-20
+            ds = ds + dq / z - (dq * s).sum(-1, keepdim=True) / z**2
+    return _score_backward(s, ds, scoring).to(logits.dtype)
 
 
 # ----- routing plan, permute, unpermute --------------------------------------------------------------

@@ -46,11 +46,11 @@ def _scores(logits_ptr, rows, cols, T, E, stride_t, stride_e, SOFTMAX: tl.conste
 
 @triton.jit
 def topk_gating_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, counts_part_ptr, sums_part_ptr,
     T, E, stride_t, stride_e, top_k, num_groups, topk_groups, group_size, scaling,
     HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, RENORM: tl.constexpr, GROUPED: tl.constexpr,
-    GROUP_TOP2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    GROUP_TOP2: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -97,6 +97,17 @@ def topk_gating_kernel(
         w_out = tl.where(kcol[None, :] == j, w_j[:, None], w_out)
         id_out = tl.where(kcol[None, :] == j, id_j[:, None], id_out)
         key = tl.where(hit, KEY_TAKEN, key)
+    if WITH_STATS:
+        # Chosen experts are exactly the columns whose key is now KEY_TAKEN. Per-program partials,
+        # reduced by the launcher in a fixed order: no float atomics, the same bits on every run.
+        rmask = (rows < T)[:, None]
+        chosen = (key == KEY_TAKEN) & cmask[None, :] & rmask
+        q = s
+        if not SOFTMAX:
+            q = s / (tl.sum(s, 1)[:, None] + 1e-20)
+        part = tl.program_id(0).to(tl.int64) * E + cols
+        tl.store(counts_part_ptr + part, tl.sum(chosen.to(tl.int32), 0), mask=cmask)
+        tl.store(sums_part_ptr + part, tl.sum(tl.where(rmask, q, 0.0), 0), mask=cmask)
     if RENORM:
         denom = tl.sum(w_out, 1)
         if not SOFTMAX:
@@ -111,9 +122,10 @@ def topk_gating_kernel(
 
 @triton.jit
 def topk_gating_backward_kernel(
-    grad_w_ptr, logits_ptr, ids_ptr, grad_logits_ptr,
+    grad_w_ptr, grad_sums_ptr, logits_ptr, ids_ptr, grad_logits_ptr,
     T, E, stride_t, stride_e, top_k, scaling,
-    SOFTMAX: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    SOFTMAX: tl.constexpr, RENORM: tl.constexpr, HAS_GRAD_SUMS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -142,6 +154,13 @@ def topk_gating_backward_kernel(
         id_j = tl.sum(tl.where(kcol[None, :] == j, ids, 0), 1)
         dg_j = tl.sum(tl.where(kcol[None, :] == j, dg, 0.0), 1)
         ds = tl.where(cols[None, :] == id_j[:, None], ds + dg_j[:, None], ds)
+    if HAS_GRAD_SUMS:  # score_sums = sum_t q[t]: q = s (softmax) or s / (sum s + 1e-20) (sigmoid)
+        dq = tl.load(grad_sums_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if SOFTMAX:
+            ds = ds + dq
+        else:
+            z = tl.sum(s, 1)[:, None] + 1e-20
+            ds = ds + dq / z - tl.sum(dq * s, 1)[:, None] / (z * z)
     if SOFTMAX:
         dx = s * (ds - tl.sum(ds * s, 1)[:, None])
     else:
@@ -156,37 +175,48 @@ def _blocks(T: int, E: int, k: int, budget: int = 4096):
     return block_t, block_e, max(next_pow2(k), 2)
 
 
-def topk_gating(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, *, launch=identity_launch, empty):
-    """Launcher: ``logits [T, E]`` -> ``(weights [T, k] fp32, ids [T, k] int32)``; arguments already checked."""
+def topk_gating(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, with_stats,
+                *, launch=identity_launch, empty):
+    """Launcher: ``logits [T, E]`` -> ``(weights [T, k] fp32, ids [T, k] int32, counts, score_sums)``;
+    the statistics are ``[E]`` (int32, fp32) with ``with_stats``, else empty. Arguments already checked."""
     T, E = logits.shape
-    weights = empty((T, top_k), dtype=torch.float32, device=logits.device)
-    ids = empty((T, top_k), dtype=torch.int32, device=logits.device)
-    if T == 0:
-        return weights, ids
+    dev = logits.device
+    weights = empty((T, top_k), dtype=torch.float32, device=dev)
+    ids = empty((T, top_k), dtype=torch.int32, device=dev)
     block_t, block_e, block_k = _blocks(T, E, top_k)
-    grouped = num_groups > 1
-    launch(topk_gating_kernel)[(triton.cdiv(T, block_t),)](
-        logits, bias if bias is not None else logits, weights, ids,
-        T, E, logits.stride(0), logits.stride(1), top_k, num_groups, topk_groups, E // num_groups, scaling_factor,
-        HAS_BIAS=bias is not None, SOFTMAX=scoring == "softmax", RENORM=renormalize, GROUPED=grouped,
-        GROUP_TOP2=grouped and bias is not None and E // num_groups >= 2,
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_G=max(next_pow2(num_groups), 2),
-    )
-    return weights, ids
+    grid = triton.cdiv(T, block_t)
+    n_part = grid if with_stats else 0
+    counts_part = empty((n_part, E), dtype=torch.int32, device=dev)
+    sums_part = empty((n_part, E), dtype=torch.float32, device=dev)
+    if T > 0:
+        grouped = num_groups > 1
+        launch(topk_gating_kernel)[(grid,)](
+            logits, bias if bias is not None else logits, weights, ids, counts_part, sums_part,
+            T, E, logits.stride(0), logits.stride(1), top_k, num_groups, topk_groups, E // num_groups, scaling_factor,
+            HAS_BIAS=bias is not None, SOFTMAX=scoring == "softmax", RENORM=renormalize, GROUPED=grouped,
+            GROUP_TOP2=grouped and bias is not None and E // num_groups >= 2, WITH_STATS=with_stats,
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_G=max(next_pow2(num_groups), 2),
+        )
+    if not with_stats:
+        return weights, ids, ids.new_empty(0), weights.new_empty(0)
+    return weights, ids, counts_part.sum(0, dtype=torch.int32), sums_part.sum(0)
 
 
-def topk_gating_backward(grad_weights, logits, topk_ids, scoring, renormalize, scaling_factor, *, launch=identity_launch, empty):
-    """Launcher: d loss / d logits ``[T, E]`` (dtype of logits) from d loss / d weights ``[T, k]``."""
+def topk_gating_backward(grad_weights, grad_score_sums, logits, topk_ids, scoring, renormalize, scaling_factor,
+                         *, launch=identity_launch, empty):
+    """Launcher: d loss / d logits ``[T, E]`` (dtype of logits) from d loss / d weights ``[T, k]`` and,
+    optionally, d loss / d score_sums ``[E]``."""
     T, E = logits.shape
     k = topk_ids.shape[1]
     grad_logits = empty((T, E), dtype=logits.dtype, device=logits.device)
     if T == 0:
         return grad_logits
     block_t, block_e, block_k = _blocks(T, E, k)
+    has_sums = grad_score_sums is not None
     launch(topk_gating_backward_kernel)[(triton.cdiv(T, block_t),)](
-        grad_weights.contiguous(), logits, topk_ids.contiguous(), grad_logits,
-        T, E, logits.stride(0), logits.stride(1), k, scaling_factor,
-        SOFTMAX=scoring == "softmax", RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+        grad_weights.contiguous(), grad_score_sums.contiguous() if has_sums else grad_weights, logits,
+        topk_ids.contiguous(), grad_logits, T, E, logits.stride(0), logits.stride(1), k, scaling_factor,
+        SOFTMAX=scoring == "softmax", RENORM=renormalize, HAS_GRAD_SUMS=has_sums,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
     )
     return grad_logits
-
