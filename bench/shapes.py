@@ -26,6 +26,7 @@ QUICK_MODELS = ("mixtral-8x7b", "deepseek-v3", "gpt-oss-20b")
 # CPU runs keep every expert and k but shrink H and I until the expert weights fit this many parameters.
 CPU_PARAM_BUDGET = {True: 2_000_000, False: 8_000_000}  # keyed by quick
 DEFAULT_TOKENS = {("cpu", True): 64, ("cpu", False): 256, ("cuda", True): 1024, ("cuda", False): 4096}
+CPU_MIN_H, CPU_MIN_I = 128, 64  # floors that keep many-expert models from shrinking to toy sizes
 ALIGN = 32  # scaled H and I stay multiples of this (16-byte rows for grouped_mm in any dtype)
 
 
@@ -105,7 +106,7 @@ def _round(v: float) -> int:
 
 def make_shape(name: str, cfg: dict, device: str, quick: bool, tokens: int | None = None) -> Shape:
     """Real sizes on GPU (bf16); on CPU (fp32) H, I and the shared I divided by one factor so the
-    expert weights stay within ``CPU_PARAM_BUDGET``."""
+    expert weights stay within about ``CPU_PARAM_BUDGET`` (H and I no smaller than the CPU floors)."""
     H, I, E, k = int(cfg["hidden"]), int(cfg["intermediate"]), int(cfg["experts"]), int(cfg["top_k"])
     shared = int(cfg.get("shared_intermediate", 0))
     T = tokens or DEFAULT_TOKENS[(device, quick)]
@@ -114,7 +115,8 @@ def make_shape(name: str, cfg: dict, device: str, quick: bool, tokens: int | Non
     rows = 3 if cfg.get("gated", True) else 2
     scale = max(4, math.ceil(math.sqrt(E * rows * H * I / CPU_PARAM_BUDGET[quick])))
     sI = _round(shared / scale) if shared else 0
-    return Shape(name, T, _round(H / scale), _round(I / scale), E, k, torch.float32, sI, scale, dict(cfg))
+    H_cpu, I_cpu = min(H, max(CPU_MIN_H, _round(H / scale))), min(I, max(CPU_MIN_I, _round(I / scale)))
+    return Shape(name, T, H_cpu, I_cpu, E, k, torch.float32, sI, scale, dict(cfg))
 
 
 def select_shapes(models: list[str] | None, device: str, quick: bool, tokens: list[int] | None) -> tuple[list[Shape], str]:

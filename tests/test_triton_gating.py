@@ -151,7 +151,7 @@ def test_gating_stats_fused(backend, scoring, groups):
     # The fused loss and the loss recomputed from the logits agree, gradients included.
     fused = mk.load_balancing_loss(stats=stats)
     plain = mk.load_balancing_loss(logits, ids, E, scoring=scoring)
-    g_fused = torch.autograd.grad(fused + (w * 0.3).sum(), logits)[0]
+    g_fused = torch.autograd.grad(fused + (w * 0.3).sum(), logits, retain_graph=True)[0]
     g_plain = torch.autograd.grad(plain + (w * 0.3).sum(), logits)[0]
     assert_close("loss", fused, plain, rms_tol=1e-6)
     assert_close("grad logits", g_fused, g_plain, rms_tol=1e-5)
