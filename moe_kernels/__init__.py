@@ -3,6 +3,7 @@
 Public API (every function takes ``backend="auto" | "torch" | "triton" | "cuda"``):
 
 - :func:`topk_gating` - router scores -> ``(topk_weights, topk_ids)``
+- :func:`expert_choice_gating`, :func:`expert_choice_plan` - expert-choice routing (experts pick tokens)
 - :func:`plan_routing`, :func:`permute`, :func:`unpermute` - group (token, slot) pairs by expert and back
 - :func:`grouped_gemm` - every expert's rows times its own weight in one call
 - :func:`fused_moe` - the experts of an MoE layer in one call
@@ -15,6 +16,7 @@ from ._backends import BackendInfo, backends
 from .gating import (
     GatingStats,
     RoutingStats,
+    expert_choice_gating,
     expert_counts,
     load_balancing_loss,
     router_z_loss,
@@ -26,7 +28,7 @@ from . import _cuda, _triton  # noqa: F401  (optional backends)
 from .gemm import grouped_gemm
 from .layer import MoE
 from .moe import fused_moe
-from .routing import RoutingPlan, permute, plan_routing, unpermute
+from .routing import RoutingPlan, expert_choice_plan, permute, plan_routing, unpermute
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,8 @@ __all__ = [
     "RoutingPlan",
     "RoutingStats",
     "backends",
+    "expert_choice_gating",
+    "expert_choice_plan",
     "expert_counts",
     "fused_moe",
     "grouped_gemm",

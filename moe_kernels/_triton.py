@@ -14,11 +14,13 @@ import torch
 from torch import Tensor
 
 from . import _alloc, _backends
+from . import ops
 from .ops import gating_autograd
 
 try:
     from torch.library import triton_op, wrap_triton
 
+    from .triton_kernels import expert_choice as _expert_choice
     from .triton_kernels import gating as _gating
 except Exception:  # triton missing or broken: the backend reports why
     _gating = None
@@ -55,3 +57,13 @@ if _gating is not None:
     _bwd, _setup = gating_autograd(topk_gating_backward_triton)
     topk_gating_triton.register_autograd(_bwd, setup_context=_setup)
     _backends.register("topk_gating", "triton", _no_fp64)(torch.ops.moe_kernels.topk_gating_triton.default)
+
+    @triton_op("moe_kernels::expert_choice_gating_triton", mutates_args=())
+    def expert_choice_gating_triton(logits: Tensor, capacity: int, scoring: str) -> Tuple[Tensor, Tensor]:
+        return _expert_choice.expert_choice_gating(logits, capacity, scoring, launch=wrap_triton, empty=_empty)
+
+    # The backward is a scatter and a softmax backward: the reference op serves it on every device.
+    _bwd, _setup = ops.expert_choice_autograd(ops.expert_choice_backward)
+    expert_choice_gating_triton.register_autograd(_bwd, setup_context=_setup)
+    _backends.register("expert_choice_gating", "triton", _expert_choice.supports)(
+        torch.ops.moe_kernels.expert_choice_gating_triton.default)

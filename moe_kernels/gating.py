@@ -14,6 +14,7 @@ _FN = "topk_gating"
 _OPS = torch.ops.moe_kernels
 _backends.register("topk_gating", "torch")(_OPS.topk_gating.default)
 _backends.register("expert_counts", "torch")(_OPS.expert_counts.default)
+_backends.register("expert_choice_gating", "torch")(_OPS.expert_choice_gating.default)
 
 
 def _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor):
@@ -106,6 +107,33 @@ class GatingStats:
     scoring: str
 
 
+def expert_choice_gating(
+    logits: torch.Tensor, capacity: int, *, scoring: str = "softmax", backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert-choice routing (Zhou et al., 2022): every expert takes its ``capacity`` best tokens.
+
+    ========== ======== ===== ===========================================================
+    argument   shape    dtype meaning
+    ========== ======== ===== ===========================================================
+    logits     [T, E]   float router output; scores are softmax over experts (or sigmoid)
+    weights    [E, C]   fp32  ``s[token, e]`` of the chosen tokens, best first (0 for padding)
+    token_ids  [E, C]   int32 chosen tokens, ties to the lower token; -1 where C > T
+    ========== ======== ===== ===========================================================
+
+    A token may be taken by several experts or by none. Feed the result to
+    :func:`expert_choice_plan` to run the experts with permute / grouped_gemm / unpermute.
+    Differentiable in ``logits``.
+    """
+    fn = "expert_choice_gating"
+    _checks.check_tensor(fn, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{fn}: logits must have at least one expert column, got shape {tuple(logits.shape)}")
+    _checks.check_int(fn, "capacity", capacity, lo=1)
+    _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+    impl = _backends.select(fn, backend, logits.device, logits, capacity)
+    return impl(logits, capacity, scoring)
+
+
 def expert_counts(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "auto") -> torch.Tensor:
     """Slots routed to each expert, ``[E]`` int32; ids of -1 (dropped) are not counted."""
     fn = "expert_counts"
@@ -181,7 +209,11 @@ class RoutingStats:
 
 def routing_stats(topk_ids: torch.Tensor, num_experts: int) -> RoutingStats:
     """Load statistics of a routing decision, without a host synchronisation."""
-    counts = expert_counts(topk_ids, num_experts)
+    return stats_from_counts(expert_counts(topk_ids, num_experts))
+
+
+def stats_from_counts(counts: torch.Tensor) -> RoutingStats:
+    """:class:`RoutingStats` of a per-expert load ``counts [E]``."""
     load = counts.float()
     mean = load.mean()
     p = load / load.sum().clamp(min=1)

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from .gating import load_balancing_loss, router_z_loss, routing_stats, topk_gating
+from .gating import expert_choice_gating, load_balancing_loss, router_z_loss, routing_stats, stats_from_counts, topk_gating
+from .gemm import grouped_gemm
 from .moe import fused_moe
+from .routing import expert_choice_plan, permute, unpermute
 from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
 
 
@@ -42,6 +44,10 @@ class MoE(nn.Module):
     (add it to the training loss). ``capacity_factor`` sets each expert's capacity to
     ``ceil(capacity_factor * T * k / E)`` slots.
 
+    ``routing="expert_choice"`` lets every expert pick its ``ceil(capacity_factor * T * k / E)`` best
+    tokens (Zhou et al., 2022; ``capacity_factor`` defaults to 1, so tokens get k experts on average);
+    the load-balancing loss does not apply there (the load is even by construction).
+
     Example::
 
         >>> moe = MoE(64, 128, num_experts=8, top_k=2)
@@ -68,6 +74,7 @@ class MoE(nn.Module):
         gated: bool = True,
         expert_bias: bool = False,
         capacity_factor: float | None = None,
+        routing: str = "topk",
         aux_loss_coef: float = 0.0,
         z_loss_coef: float = 0.0,
         dtype: torch.dtype | None = None,
@@ -81,6 +88,7 @@ class MoE(nn.Module):
         _checks.check_int(fn, "top_k", top_k, lo=1, hi=num_experts)
         _checks.check_int(fn, "shared_intermediate_size", shared_intermediate_size, lo=0)
         _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+        _checks.check_choice(fn, "routing", routing, ("topk", "expert_choice"))
         _checks.check_choice(fn, "activation", activation, GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS)
         if num_experts % num_groups or topk_groups > num_groups or topk_groups * (num_experts // num_groups) < top_k:
             raise ValueError(f"{fn}: num_groups={num_groups} must divide num_experts={num_experts} and topk_groups={topk_groups} "
@@ -94,6 +102,7 @@ class MoE(nn.Module):
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.activation, self.gated = activation, gated
         self.capacity_factor, self.aux_loss_coef, self.z_loss_coef = capacity_factor, aux_loss_coef, z_loss_coef
+        self.routing = routing
         self.backend = backend
 
         self.router = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
@@ -135,28 +144,51 @@ class MoE(nn.Module):
         )
         return (logits, *out) if self.aux_loss_coef else (logits, *out, None)
 
+    def _capacity(self, num_tokens: int, default: float | None) -> int | None:
+        factor = self.capacity_factor if self.capacity_factor is not None else default
+        if factor is None:
+            return None
+        return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
+
+    def _expert_choice(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routed output and per-expert load when every expert picks its best tokens."""
+        weights, tokens = expert_choice_gating(logits, self._capacity(x.shape[0], 1.0), scoring=self.scoring,
+                                               backend=self.backend)
+        plan, slot_weights = expert_choice_plan(tokens, weights, x.shape[0], backend=self.backend)
+        h = grouped_gemm(permute(x, plan, backend=self.backend), self.w13, plan, bias=self.b13, backend=self.backend)
+        a = torch.ops.moe_kernels.activation(h, self.activation, self.gated)
+        y = grouped_gemm(a, self.w2, plan, bias=self.b2, backend=self.backend)
+        return unpermute(y, plan, slot_weights, backend=self.backend), plan.tokens_per_expert
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE: input must have shape [..., {self.hidden_size}], got {tuple(x.shape)}")
         shape = x.shape
         x = x.reshape(-1, self.hidden_size)
-        logits, weights, ids, stats = self.route(x)
-        capacity = None
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * x.shape[0] * self.top_k / self.num_experts)
-        out = fused_moe(
-            x, self.w13, self.w2, weights, ids, activation=self.activation, gated=self.gated,
-            w13_bias=self.b13, w2_bias=self.b2, capacity=capacity, backend=self.backend,
-        )
+        stats = None
+        if self.routing == "expert_choice":
+            dt = torch.promote_types(x.dtype, torch.float32)
+            bias = self.router.bias.to(dt) if self.router.bias is not None else None
+            logits = F.linear(x.to(dt), self.router.weight.to(dt), bias)
+            out, load = self._expert_choice(x, logits)
+        else:
+            logits, weights, ids, stats = self.route(x)
+            out = fused_moe(
+                x, self.w13, self.w2, weights, ids, activation=self.activation, gated=self.gated,
+                w13_bias=self.b13, w2_bias=self.b2, capacity=self._capacity(x.shape[0], None), backend=self.backend,
+            )
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
             out = out + shared
         with torch.no_grad():
-            self.last_stats = routing_stats(ids, self.num_experts)
+            if self.routing == "expert_choice":
+                self.last_stats = stats_from_counts(load)
+            else:
+                self.last_stats = routing_stats(ids, self.num_experts)
         aux = logits.new_zeros(())
-        if self.aux_loss_coef:
+        if self.aux_loss_coef and stats is not None:
             aux = aux + self.aux_loss_coef * load_balancing_loss(stats=stats)
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * router_z_loss(logits)

@@ -80,6 +80,63 @@ def gating_autograd(backward_op):
 _bwd, _setup = gating_autograd(topk_gating_backward)
 topk_gating.register_autograd(_bwd, setup_context=_setup)
 
+@custom_op("moe_kernels::expert_choice_gating", mutates_args=())
+def expert_choice_gating(logits: Tensor, capacity: int, scoring: str) -> Tuple[Tensor, Tensor]:
+    return ref.expert_choice_gating(logits, capacity, scoring)
+
+
+def expert_choice_fake(logits, capacity, scoring):
+    E = logits.shape[1]
+    return (logits.new_empty(E, capacity, dtype=ref.acc_dtype(logits.dtype)),
+            logits.new_empty(E, capacity, dtype=torch.int32))
+
+
+expert_choice_gating.register_fake(expert_choice_fake)
+
+
+@custom_op("moe_kernels::expert_choice_backward", mutates_args=())
+def expert_choice_backward(grad_weights: Tensor, logits: Tensor, token_ids: Tensor, scoring: str) -> Tensor:
+    return ref.expert_choice_backward(grad_weights, logits, token_ids, scoring)
+
+
+@expert_choice_backward.register_fake
+def _(grad_weights, logits, token_ids, scoring):
+    return torch.empty_like(logits)
+
+
+def expert_choice_autograd(backward_op):
+    """``(backward, setup_context)`` of an expert_choice_gating op, shared by every backend."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.scoring = inputs[2]
+
+    def backward(ctx, grad_weights, _grad_ids):
+        logits, token_ids = ctx.saved_tensors
+        if grad_weights is None or not ctx.needs_input_grad[0]:
+            return None, None, None
+        return backward_op(grad_weights, logits, token_ids, ctx.scoring), None, None
+
+    return backward, setup_context
+
+
+_bwd, _setup = expert_choice_autograd(expert_choice_backward)
+expert_choice_gating.register_autograd(_bwd, setup_context=_setup)
+
+
+@custom_op("moe_kernels::expert_choice_plan", mutates_args=())
+def expert_choice_plan(token_ids: Tensor, num_tokens: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return ref.expert_choice_plan(token_ids, num_tokens)
+
+
+@expert_choice_plan.register_fake
+def _(token_ids, num_tokens):
+    E, C = token_ids.shape
+    i32 = dict(dtype=torch.int32)
+    return (token_ids.new_empty(E * C, **i32), token_ids.new_empty(E + 1, **i32), token_ids.new_empty(E, **i32),
+            token_ids.new_empty(num_tokens * E, **i32))
+
+
 # ----- routing ---------------------------------------------------------------------------------------
 
 

@@ -135,6 +135,56 @@ def topk_gating_backward(
     return _score_backward(s, ds, scoring).to(logits.dtype)
 
 
+def expert_choice_gating(logits: torch.Tensor, capacity: int, scoring: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert-choice routing (Zhou et al., 2022): every expert takes its ``capacity`` best tokens.
+
+    Returns ``(weights [E, C] fp32, token_ids [E, C] int32)``, best first, ties to the lower token;
+    ``weights[e, c] = s[token, e]`` with ``s`` the per-token softmax (or sigmoid) scores. When C > T the
+    extra entries hold token -1 and weight 0. NaN scores rank below every number.
+    """
+    T, E = logits.shape
+    s = _scores(logits, scoring)  # [T, E]
+    c_eff = min(capacity, T)
+    sel = torch.where(torch.isnan(s), float("-inf"), s).t()  # [E, T]
+    tokens = stable_topk_indices(sel, c_eff)  # [E, c_eff]
+    w = s.t().gather(1, tokens)
+    pad = capacity - c_eff
+    w = torch.cat([w, w.new_zeros(E, pad)], 1)
+    tokens = torch.cat([tokens, tokens.new_full((E, pad), -1)], 1)
+    return w, tokens.to(torch.int32)
+
+
+def expert_choice_backward(grad_weights: torch.Tensor, logits: torch.Tensor, token_ids: torch.Tensor, scoring: str) -> torch.Tensor:
+    """d loss / d logits from d loss / d weights of :func:`expert_choice_gating`."""
+    T, E = logits.shape
+    s = _scores(logits, scoring)
+    valid = token_ids >= 0
+    flat = torch.where(valid, token_ids.long() * E + torch.arange(E, device=logits.device)[:, None], T * E)
+    ds = torch.zeros(T * E + 1, dtype=s.dtype, device=s.device)
+    ds.index_add_(0, flat.reshape(-1), grad_weights.reshape(-1).to(s.dtype))
+    return _score_backward(s, ds[: T * E].view(T, E), scoring).to(logits.dtype)
+
+
+def expert_choice_plan(token_ids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routing plan of an expert-choice decision, in :func:`plan_routing`'s format with ``k = E``.
+
+    Slot ``t*E + e`` is (token t, expert e); expert e owns rows ``[e*C, (e+1)*C)`` in its own order;
+    rows whose token is -1 are padding. Returns ``(sorted_slots [E*C], expert_offsets [E+1],
+    tokens_per_expert [E], slot_to_row [T*E])``, all int32.
+    """
+    E, C = token_ids.shape
+    T = num_tokens
+    device = token_ids.device
+    valid = token_ids >= 0
+    experts = torch.arange(E, device=device)[:, None]
+    slots = torch.where(valid, token_ids.long() * E + experts, -1).reshape(-1)  # [E*C]
+    rows = torch.arange(E * C, device=device)
+    slot_to_row = torch.full((T * E + 1,), -1, dtype=torch.int64, device=device)
+    slot_to_row.scatter_(0, torch.where(slots >= 0, slots, T * E), torch.where(slots >= 0, rows, -1))
+    offsets = torch.arange(E + 1, device=device) * C
+    return slots.to(torch.int32), offsets.to(torch.int32), valid.sum(1).to(torch.int32), slot_to_row[: T * E].to(torch.int32)
+
+
 # ----- routing plan, permute, unpermute --------------------------------------------------------------
 
 

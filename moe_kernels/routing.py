@@ -13,6 +13,7 @@ _OPS = torch.ops.moe_kernels
 _backends.register("plan_routing", "torch")(_OPS.plan_routing.default)
 _backends.register("permute", "torch")(_OPS.permute.default)
 _backends.register("unpermute", "torch")(_OPS.unpermute.default)
+_backends.register("expert_choice_plan", "torch")(_OPS.expert_choice_plan.default)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,37 @@ def plan_routing(
     impl = _backends.select(fn, backend, topk_ids.device, topk_ids, num_experts)
     slots, offsets, tokens, slot_to_row = impl(topk_ids, num_experts, block_size, capacity, expert_map)
     return RoutingPlan(slots, offsets, tokens, slot_to_row, T, k, num_experts, block_size)
+
+
+def expert_choice_plan(
+    token_ids: torch.Tensor, weights: torch.Tensor, num_tokens: int, *, backend: str = "auto"
+) -> tuple[RoutingPlan, torch.Tensor]:
+    """Turn an expert-choice decision into a :class:`RoutingPlan` and per-slot weights.
+
+    ``token_ids``/``weights`` [E, C] from :func:`expert_choice_gating`. The plan has ``top_k = E``
+    (slot ``t*E + e`` is token t at expert e), ``P = E*C`` rows, expert e owning rows
+    ``[e*C, (e+1)*C)`` (rows of token -1 are padding). The returned ``slot_weights`` [T, E] hold the
+    weight of each (token, expert) pair, 0 where the expert did not take the token, and are
+    differentiable in ``weights``. Then::
+
+        y = unpermute(expert_fn(permute(x, plan)), plan, slot_weights)
+    """
+    fn = "expert_choice_plan"
+    _checks.check_tensor(fn, "token_ids", token_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, layout="[E, C]")
+    _checks.check_tensor(fn, "weights", weights, dtypes=_checks.FLOAT_DTYPES, shape=tuple(token_ids.shape), layout="[E, C]")
+    _checks.check_int(fn, "num_tokens", num_tokens, lo=0)
+    _checks.check_same_device(fn, token_ids=token_ids, weights=weights)
+    _checks.check_ids_in_range(fn, "token_ids", token_ids, num_tokens)
+    E = token_ids.shape[0]
+    impl = _backends.select(fn, backend, token_ids.device, token_ids)
+    slots, offsets, tokens, slot_to_row = impl(token_ids, num_tokens)
+    plan = RoutingPlan(slots, offsets, tokens, slot_to_row, num_tokens, E, E, 1)
+    picked = weights.reshape(-1).index_select(0, slot_to_row.clamp(min=0).long()) if weights.numel() else None
+    if picked is None:
+        slot_weights = weights.new_zeros(num_tokens, E)
+    else:
+        slot_weights = torch.where(slot_to_row >= 0, picked, 0.0).view(num_tokens, E)
+    return plan, slot_weights
 
 
 def _check_plan(fn: str, plan) -> None:
