@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile every csrc/*.cu to an object for sm_90a: a compile check only. The CPU torch wheel has no
+# Compile every csrc/*.cu to an object for sm_90a (and every csrc/*.cpp with g++): a compile check only. The CPU torch wheel has no
 # CUDA libraries to link against, so nothing here is linked or run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,16 @@ for f in csrc/*.cu; do
   # shellcheck disable=SC2086
   if ! nvcc -c -std=c++20 -arch=sm_90a -O3 -diag-suppress 3306 -Icsrc -Icsrc/include -I.ci/cuda_shims $inc \
        -o "$out/$(basename "$f").o" "$f"; then
+    echo "FAILED to compile $f"
+    status=1
+  fi
+done
+pyinc=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+for f in csrc/*.cpp; do
+  [ -e "$f" ] || continue
+  echo "g++: $f"
+  # shellcheck disable=SC2086
+  if ! g++ -c -std=c++20 -O1 -fPIC -Icsrc -Icsrc/include -I"$pyinc" $inc -o "$out/$(basename "$f").o" "$f"; then
     echo "FAILED to compile $f"
     status=1
   fi

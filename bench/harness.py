@@ -50,8 +50,7 @@ def time_fn(fn: Callable[[], object], device: str, quick: bool, grads: Sequence[
         return float(p50), float(p20), float(p80)
 
     def call():
-        for g in grads:
-            g.grad = None
+        _clear(grads)
         fn()
 
     t0 = time.perf_counter()
@@ -148,6 +147,11 @@ def output_error(out, ref) -> float | None:
     return worst
 
 
+def _clear(grads: Sequence[torch.Tensor]) -> None:
+    for g in grads:
+        g.grad = None
+
+
 def run_case(case: Case, device: str, quick: bool, ceilings: dict, ref_out=None) -> tuple[dict, object]:
     """Measure one case; returns its result row and its output (for comparison with other rows)."""
     s = case.shape
@@ -163,14 +167,20 @@ def run_case(case: Case, device: str, quick: bool, ceilings: dict, ref_out=None)
         return row, None
     out = None
     try:
+        _clear(case.grads)
         out = case.fn()  # also the first warmup; forward rows return their output
         if ref_out is not None and out is not None:
             row["err_vs_ref"] = output_error(out, ref_out)
         row["median_ms"], row["p20_ms"], row["p80_ms"] = time_fn(case.fn, device, quick, case.grads)
     except Exception as exc:  # a backend refusing these inputs, or a failing baseline: keep going
-        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-        row["note"] = ("skipped: " if "cannot serve" in msg else "error: ") + msg
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        if "cannot serve these inputs: " in msg:
+            row["note"] = "skipped: " + msg.split("cannot serve these inputs: ", 1)[1][:160]
+        else:
+            row["note"] = f"error: {type(exc).__name__}: {msg[:160]}"
         return row, None
+    finally:
+        _clear(case.grads)  # gradients of full-size models are large: free them between rows
     row.update({c: _sig(row[c]) for c in ("median_ms", "p20_ms", "p80_ms", "err_vs_ref")})
     sec = row["median_ms"] / 1e3
     row["tflops"] = case.flops / sec / 1e12

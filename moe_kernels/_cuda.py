@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends
+from . import _backends, ops
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.moe_kernels.*_cuda)
@@ -25,3 +25,34 @@ if _C is not None:
         return None
 
     _backends.register("expert_counts", "cuda", _counts_supports)(torch.ops.moe_kernels.expert_counts_cuda.default)
+
+    @torch.library.register_fake("moe_kernels::topk_gating_cuda")
+    def _(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor):
+        T = logits.shape[0]
+        return logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, dtype=torch.int32)
+
+    def _gating_backward_op():
+        """The fastest available backward: the Triton kernel, else the reference op."""
+        if hasattr(torch.ops.moe_kernels, "topk_gating_backward_triton") and _backends.backends()["triton"].available:
+            return torch.ops.moe_kernels.topk_gating_backward_triton.default
+        return torch.ops.moe_kernels.topk_gating_backward.default
+
+    _bwd, _setup = ops.gating_autograd(_gating_backward_op())
+    torch.library.register_autograd("moe_kernels::topk_gating_cuda", _bwd, setup_context=_setup)
+    _GATING = torch.ops.moe_kernels.topk_gating_cuda.default
+
+    def _gating_supports(logits, top_k, *, num_groups=1, with_stats=False, **kwargs):
+        if logits.dtype == torch.float64:
+            return "float64 inputs are served by the torch backend only"
+        if logits.shape[1] > 1024:
+            return f"the cuda kernel serves E <= 1024, got {logits.shape[1]}"
+        if num_groups > 32:
+            return f"the cuda kernel serves num_groups <= 32, got {num_groups}"
+        if with_stats:
+            return "fused statistics are computed by the triton kernel only"
+        return None
+
+    @_backends.register("topk_gating", "cuda", _gating_supports)
+    def _topk_gating_cuda(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling, with_stats):
+        w, ids = _GATING(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling)
+        return w, ids, ids.new_empty(0), w.new_empty(0)

@@ -31,6 +31,7 @@ def _empty(shape, dtype, device):
 
 
 def _no_fp64(tensor: torch.Tensor, *args, **kwargs) -> Optional[str]:
+    """Refuse float64: the Triton kernels compute in fp32, the float64 reference is the torch backend."""
     if tensor.dtype == torch.float64:
         return "float64 inputs are served by the torch backend only"
     return None

@@ -81,7 +81,8 @@ def topk_gating(
         (torch.Size([5, 2]), torch.int32)
     """
     _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor)
-    impl = _backends.select("topk_gating", backend, logits.device, logits, top_k, scoring=scoring, num_groups=num_groups)
+    impl = _backends.select("topk_gating", backend, logits.device, logits, top_k, scoring=scoring,
+                            num_groups=num_groups, with_stats=bool(return_stats))
     if correction_bias is not None:
         correction_bias = correction_bias.float() if correction_bias.dtype != torch.float64 else correction_bias
     w, ids, counts, sums = impl(logits, correction_bias, top_k, scoring, bool(renormalize), num_groups, topk_groups,

@@ -56,23 +56,27 @@ def _(grad_weights, grad_score_sums, logits, topk_ids, scoring, renormalize, sca
 
 def gating_autograd(backward_op):
     """``(backward, setup_context)`` of a topk_gating op whose logits gradient ``backward_op`` computes;
-    shared by every backend. Gradients reach the logits through the weights and the score sums."""
+    shared by every backend. The op's inputs start ``(logits, bias, top_k, scoring, renormalize,
+    num_groups, topk_groups, scaling_factor)``; its outputs are ``(weights, ids)``, optionally followed
+    by ``(counts, score_sums)``. Gradients reach the logits through the weights and the score sums."""
 
     def setup_context(ctx, inputs, output):
-        logits, _, _, scoring, renormalize, _, _, scaling, _ = inputs
+        logits, _, _, scoring, renormalize, _, _, scaling = inputs[:8]
         ctx.save_for_backward(logits, output[1])
         ctx.cfg = (scoring, renormalize, scaling)
+        ctx.num_inputs = len(inputs)
 
-    def backward(ctx, grad_weights, _grad_ids, _grad_counts, grad_sums):
+    def backward(ctx, grad_weights, _grad_ids, *grad_stats):
         logits, ids = ctx.saved_tensors
+        grad_sums = grad_stats[1] if len(grad_stats) == 2 else None
+        if grad_sums is not None and grad_sums.numel() == 0:
+            grad_sums = None
         grad = None
         if ctx.needs_input_grad[0] and (grad_weights is not None or grad_sums is not None):
             if grad_weights is None:
                 grad_weights = torch.zeros(ids.shape, dtype=ref.acc_dtype(logits.dtype), device=logits.device)
-            if grad_sums is not None and grad_sums.numel() == 0:
-                grad_sums = None
             grad = backward_op(grad_weights, grad_sums, logits, ids, *ctx.cfg)
-        return grad, None, None, None, None, None, None, None, None
+        return (grad,) + (None,) * (ctx.num_inputs - 1)
 
     return backward, setup_context
 

@@ -37,9 +37,16 @@ def test_backends_report():
 
 def test_explicit_backend_that_cannot_serve_raises():
     logits = torch.randn(4, 8)
-    for name in ("triton", "cuda"):
-        with pytest.raises(ValueError, match=f"backend '{name}' cannot serve"):
-            mk.topk_gating(logits, 2, backend=name)
+    refusing = [n for n in ("triton", "cuda") if not mk.backends()[n].available]
+    if mk.backends()["triton"].available:
+        refusing.append("triton-fp64")
+    for name in refusing:
+        x = logits.double() if name == "triton-fp64" else logits
+        backend = name.split("-")[0]
+        with pytest.raises(ValueError, match=f"backend '{backend}' cannot serve"):
+            mk.topk_gating(x, 2, backend=backend)
+    with pytest.raises(ValueError, match="has no implementation of grouped_gemm"):
+        mk.grouped_gemm(torch.randn(4, 8), torch.randn(2, 6, 8), torch.tensor([0, 1, 4], dtype=torch.int32), backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         mk.topk_gating(logits, 2, backend="fastest")
 

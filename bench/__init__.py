@@ -1,0 +1,1 @@
+"""Benchmarks of moe_kernels: ``python -m bench --help``."""

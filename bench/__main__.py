@@ -1,0 +1,109 @@
+"""``python -m bench [suite] [options]``: benchmark suites of moe_kernels (default suite: ``main``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .harness import collect_meta, format_table, write_results
+from .shapes import REPO, select_shapes
+
+SUITES = ("main",)  # later: permute, tune, ...
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="fewer models, fewer tokens, shorter timing (CPU: < 1 min)")
+    p.add_argument("--models", type=_csv_list, default=None, metavar="A,B",
+                   help="model names from shared/models.json (default: all; with --quick: 3 of them)")
+    p.add_argument("--tokens", type=_int_list, default=None, metavar="T[,T]",
+                   help="tokens per batch (default: cpu 64 quick / 256, cuda 1024 quick / 4096)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: 1 with --quick or on a busy machine, else torch's choice)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results", metavar="DIR",
+                   help="folder for the CSV and JSON results (default: bench/results)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="suite", metavar="SUITE")
+    p = sub.add_parser("main", help="MoE layer, fused_moe and every op on model shapes, all backends and baselines")
+    _common(p)
+    p.set_defaults(func=cmd_main)
+    return parser
+
+
+def _device(choice: str | None) -> str:
+    if choice == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench: --device cuda asked for, but torch.cuda.is_available() is False")
+    return choice or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _busy() -> bool:
+    """Other work holds the CPU: its threads then stall torch's parallel regions badly."""
+    return hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
+
+
+def _warn_noise(device: str) -> None:
+    """Say so when the timings will carry extra costs or share the CPU with other work."""
+    if os.environ.get("MOE_KERNELS_POISON") == "1" or os.environ.get("MOE_KERNELS_CHECK_VALUES") == "1":
+        print("bench: warning: MOE_KERNELS_POISON/MOE_KERNELS_CHECK_VALUES is set; timings include their cost", file=sys.stderr)
+    if device == "cpu" and _busy():
+        hint = "; --threads 1 suffers least" if torch.get_num_threads() > 1 else ""
+        print(f"bench: warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU timings will be noisy{hint}",
+              file=sys.stderr)
+
+
+def cmd_main(args: argparse.Namespace) -> int:
+    from .suites import run_main
+
+    device = _device(args.device)
+    try:
+        shapes, source = select_shapes(args.models, device, args.quick, args.tokens)
+    except ValueError as exc:  # unknown model names
+        sys.exit(f"bench: {exc}")
+    threads = args.threads or (1 if device == "cpu" and (args.quick or _busy()) else None)
+    if threads:
+        torch.set_num_threads(threads)
+    _warn_noise(device)
+    meta = collect_meta(device, "main", argv=sys.argv[1:], models_source=source)
+    print(f"bench main on {meta['device_name']} ({device}, threads={torch.get_num_threads()}); torch {meta['torch']}, "
+          f"triton {meta['triton']}, commit {meta['git_commit']}; shapes from {source}"
+          + ("; CPU: H and I scaled down, fp32" if device == "cpu" else ""), flush=True)
+    t0 = time.perf_counter()
+    rows, facts = run_main(shapes, device, args.quick)
+    wall = time.perf_counter() - t0
+    meta.update(wall_s=round(wall, 1), **facts)
+    print(f"backends: {', '.join(facts['backends'])}")
+    print(format_table(rows, facts["ceilings"]))
+    csv_path, json_path = write_results(rows, meta, args.out)
+    print(f"\n{len(rows)} rows in {wall:.1f} s; wrote {csv_path} and {json_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "main")  # main is the default suite
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
