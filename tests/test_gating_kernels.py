@@ -1,4 +1,5 @@
-"""The Triton top-k gating kernels against the float64 reference (interpreter on CPU, GPU where present)."""
+"""The fast top-k gating kernels (Triton: interpreter on CPU, GPU where present; CUDA: where a GPU and
+the extension are present) against the float64 reference."""
 
 import pytest
 import torch
@@ -7,9 +8,11 @@ import moe_kernels as mk
 from moe_kernels import reference as ref
 from moe_kernels.testing import assert_close
 
-pytestmark = pytest.mark.skipif(not mk.backends()["triton"].available, reason=mk.backends()["triton"].reason)
-
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FAST = [b for b in ("triton", "cuda") if mk.backends()[b].available]
+if not FAST:
+    pytest.skip("no fast gating backend here: " + "; ".join(f"{b}: {mk.backends()[b].reason}" for b in ("triton", "cuda")),
+                allow_module_level=True)
 
 # (T, E, k, num_groups, topk_groups): the issue's grid, trimmed for the interpreter
 CASES = [
@@ -40,11 +43,12 @@ def check_ids(ids, exp_ids, sel):
 @pytest.mark.parametrize("T,E,k,groups,topk_groups", CASES)
 @pytest.mark.parametrize("scoring,renormalize,with_bias,scaling", [
     ("softmax", True, False, 1.0), ("sigmoid", True, True, 2.5), ("softmax", False, True, 1.0), ("sigmoid", False, False, 1.0)])
-def test_topk_gating_triton_matches_reference(T, E, k, groups, topk_groups, scoring, renormalize, with_bias, scaling):
+@pytest.mark.parametrize("backend", FAST)
+def test_topk_gating_fast_matches_reference(backend, T, E, k, groups, topk_groups, scoring, renormalize, with_bias, scaling):
     logits = torch.randn(T, E, device=DEV) * 3
     bias = torch.randn(E, device=DEV) * 0.1 if with_bias else None
     w, ids = mk.topk_gating(logits, k, scoring=scoring, renormalize=renormalize, correction_bias=bias,
-                            num_groups=groups, topk_groups=topk_groups, scaling_factor=scaling, backend="triton")
+                            num_groups=groups, topk_groups=topk_groups, scaling_factor=scaling, backend=backend)
     ew, eids = expected(logits, k, scoring, renormalize, bias, groups, topk_groups, scaling)
     s = torch.softmax(logits.double(), -1) if scoring == "softmax" else torch.sigmoid(logits.double())
     check_ids(ids, eids, (s + (bias.double() if bias is not None else 0)).cpu())
@@ -54,9 +58,10 @@ def test_topk_gating_triton_matches_reference(T, E, k, groups, topk_groups, scor
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_topk_gating_triton_low_precision_logits(dtype):
+@pytest.mark.parametrize("backend", FAST)
+def test_topk_gating_fast_low_precision_logits(backend, dtype):
     logits = (torch.randn(33, 60, device=DEV) * 2).to(dtype)
-    w, ids = mk.topk_gating(logits, 4, num_groups=4, topk_groups=2, backend="triton")
+    w, ids = mk.topk_gating(logits, 4, num_groups=4, topk_groups=2, backend=backend)
     ew, eids = expected(logits, 4, "softmax", True, None, 4, 2, 1.0)
     check_ids(ids, eids, torch.softmax(logits.double(), -1).cpu())
     assert_close("topk_weights", w, ew, rms_tol=1e-6)
@@ -64,7 +69,8 @@ def test_topk_gating_triton_low_precision_logits(dtype):
 
 @pytest.mark.parametrize("kind", ["ties", "equal_rows", "neg_inf", "pos_inf", "nan", "huge", "all_nan"])
 @pytest.mark.parametrize("scoring,groups", [("softmax", 1), ("sigmoid", 4)])
-def test_topk_gating_triton_adversarial(kind, scoring, groups):
+@pytest.mark.parametrize("backend", FAST)
+def test_topk_gating_fast_adversarial(backend, kind, scoring, groups):
     T, E, k = 6, 16, 4
     logits = torch.randn(T, E, device=DEV)
     if kind == "ties":
@@ -83,7 +89,7 @@ def test_topk_gating_triton_adversarial(kind, scoring, groups):
         logits[:] = float("nan")
     bias = torch.zeros(E, device=DEV) if scoring == "sigmoid" else None
     w, ids = mk.topk_gating(logits, k, scoring=scoring, correction_bias=bias, num_groups=groups,
-                            topk_groups=min(groups, 2), backend="triton")
+                            topk_groups=min(groups, 2), backend=backend)
     assert ((ids >= 0) & (ids < E)).all()
     assert (ids.sort(1).values.diff(dim=1) > 0).all(), "ids of a token must be distinct"
     _, eids = expected(logits, k, scoring, True, bias, groups, min(groups, 2), 1.0)
@@ -92,13 +98,14 @@ def test_topk_gating_triton_adversarial(kind, scoring, groups):
 
 @pytest.mark.parametrize("scoring,renormalize,groups,with_bias", [
     ("softmax", True, 1, False), ("softmax", False, 4, False), ("sigmoid", True, 4, True), ("sigmoid", False, 1, True)])
-def test_topk_gating_triton_backward(scoring, renormalize, groups, with_bias):
+@pytest.mark.parametrize("backend", FAST)
+def test_topk_gating_fast_backward(backend, scoring, renormalize, groups, with_bias):
     T, E, k = 23, 32, 4
     logits = torch.randn(T, E, device=DEV, requires_grad=True)
     bias = torch.randn(E, device=DEV) * 0.1 if with_bias else None
     g = torch.randn(T, k, device=DEV)
     w, ids = mk.topk_gating(logits, k, scoring=scoring, renormalize=renormalize, correction_bias=bias,
-                            num_groups=groups, topk_groups=2 if groups > 1 else 1, scaling_factor=1.7, backend="triton")
+                            num_groups=groups, topk_groups=2 if groups > 1 else 1, scaling_factor=1.7, backend=backend)
     (w * g).sum().backward()
     x64 = logits.detach().double().requires_grad_()
     ew, eids = mk.topk_gating(x64, k, scoring=scoring, renormalize=renormalize, correction_bias=bias,
@@ -108,21 +115,23 @@ def test_topk_gating_triton_backward(scoring, renormalize, groups, with_bias):
     assert_close("grad logits", logits.grad, x64.grad, rms_tol=1e-6)
 
 
-def test_topk_gating_triton_refuses_fp64():
+@pytest.mark.parametrize("backend", FAST)
+def test_topk_gating_fast_backends_refuse_fp64(backend):
     with pytest.raises(ValueError, match="float64"):
-        mk.topk_gating(torch.randn(3, 8, dtype=torch.float64, device=DEV), 2, backend="triton")
+        mk.topk_gating(torch.randn(3, 8, dtype=torch.float64, device=DEV), 2, backend=backend)
 
 
-def test_topk_gating_triton_noncontiguous_logits():
+@pytest.mark.parametrize("backend", FAST)
+def test_topk_gating_fast_noncontiguous_logits(backend):
     base = torch.randn(40, 24, device=DEV)
     logits = base.t()[:, :16]  # [24, 16] with strides (1, 24)
-    w, ids = mk.topk_gating(logits, 3, backend="triton")
+    w, ids = mk.topk_gating(logits, 3, backend=backend)
     ew, eids = expected(logits, 3, "softmax", True, None, 1, 1, 1.0)
     assert torch.equal(ids.cpu(), eids.cpu())
     assert_close("topk_weights", w, ew, rms_tol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of a triton_op needs a GPU")
+@pytest.mark.skipif("triton" not in FAST or not torch.cuda.is_available(), reason="torch.compile of a triton_op needs a GPU")
 def test_topk_gating_triton_compile_and_opcheck():
     logits = torch.randn(64, 128, device="cuda", requires_grad=True)
     bias = torch.randn(128, device="cuda")
@@ -134,7 +143,7 @@ def test_topk_gating_triton_compile_and_opcheck():
         assert x.grad is not None
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in FAST if b == "triton"])
 @pytest.mark.parametrize("scoring,groups", [("softmax", 1), ("sigmoid", 4)])
 def test_gating_stats_fused(backend, scoring, groups):
     T, E, k = 301, 32, 4
@@ -155,3 +164,15 @@ def test_gating_stats_fused(backend, scoring, groups):
     g_plain = torch.autograd.grad(plain + (w * 0.3).sum(), logits)[0]
     assert_close("loss", fused, plain, rms_tol=1e-6)
     assert_close("grad logits", g_fused, g_plain, rms_tol=1e-5)
+
+
+@pytest.mark.skipif("cuda" not in FAST, reason="needs the CUDA extension and a GPU")
+def test_topk_gating_cuda_refusals_and_compile():
+    logits = torch.randn(32, 64, device="cuda")
+    with pytest.raises(ValueError, match="num_groups <= 32"):
+        mk.topk_gating(logits, 2, num_groups=64, topk_groups=2, backend="cuda")
+    with pytest.raises(ValueError, match="triton kernel only"):
+        mk.topk_gating(logits, 2, return_stats=True, backend="cuda")
+    torch.library.opcheck(torch.ops.moe_kernels.topk_gating_cuda.default, (logits, None, 4, "softmax", True, 1, 1, 1.0))
+    f = torch.compile(lambda x: mk.topk_gating(x, 4, backend="cuda")[0], fullgraph=True)
+    assert_close("compiled", f(logits), mk.topk_gating(logits, 4, backend="torch")[0], rms_tol=1e-6)
