@@ -154,8 +154,8 @@ def load_balancing_loss(
 ) -> torch.Tensor:
     """Switch/GShard auxiliary loss ``E * sum_e f_e * P_e`` (1.0 for perfectly even routing).
 
-    ``f_e`` is the fraction of the routed (token, slot) pairs that went to expert e (dropped ids of
-    -1 excluded), ``P_e`` the mean router probability of e (softmax of the logits, or the sigmoid
+    ``f_e`` is the fraction of the routed (token, slot) pairs that went to expert e (pairs dropped
+    with id -1 count in neither numerator nor denominator), ``P_e`` the mean router probability of e (softmax of the logits, or the sigmoid
     scores normalised per token for ``scoring="sigmoid"``). Differentiable in ``logits``.
     Hugging Face's Mixtral loss is ``top_k`` times this value.
 
@@ -166,23 +166,26 @@ def load_balancing_loss(
     if stats is not None:
         if not isinstance(stats, GatingStats):
             raise TypeError(f"{fn}: stats must be a GatingStats (topk_gating(..., return_stats=True)), got {type(stats).__name__}")
-        E = stats.score_sums.shape[0]
-        p = stats.score_sums / max(stats.num_tokens, 1)
-        f = stats.tokens_per_expert.to(p.dtype) / max(stats.num_tokens * stats.top_k, 1)
-        return E * (f * p).sum()
+        return _balance_loss(stats.score_sums / max(stats.num_tokens, 1), stats.tokens_per_expert)
     if logits is None or topk_ids is None or num_experts is None:
         raise ValueError(f"{fn}: give either logits, topk_ids and num_experts, or stats")
     _checks.check_tensor(fn, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
     _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(logits.shape[0], None), layout="[T, k]")
     _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+    _checks.check_same_device(fn, logits=logits, topk_ids=topk_ids)
     if logits.shape[1] != num_experts:
         raise ValueError(f"{fn}: logits must have num_experts={num_experts} columns, got shape {tuple(logits.shape)}")
     T, k = topk_ids.shape
     x = logits.to(ref.acc_dtype(logits.dtype))
     s = torch.softmax(x, -1) if scoring == "softmax" else torch.sigmoid(x)
     p = ref.balance_scores(s, scoring).sum(0) / max(T, 1)
-    f = expert_counts(topk_ids, num_experts).to(p.dtype) / max(T * k, 1)
-    return num_experts * (f * p).sum()
+    return _balance_loss(p, expert_counts(topk_ids, num_experts))
+
+
+def _balance_loss(p: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``E * sum_e f_e * p_e`` with ``f`` the share of the routed (not dropped) pairs (no host sync)."""
+    c = counts.to(p.dtype)
+    return p.shape[0] * (c / c.sum().clamp(min=1) * p).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

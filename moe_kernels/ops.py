@@ -205,32 +205,38 @@ def _(rows, slot_to_row, per_token, top_k):
     return rows.new_empty(slot_to_row.shape[0] // top_k, top_k, dtype=ref.acc_dtype(rows.dtype))
 
 
-def _route_setup(ctx, inputs, output):
-    data, sorted_slots, slot_to_row, top_k, weights = inputs
-    ctx.save_for_backward(data, sorted_slots, slot_to_row, weights)
-    ctx.top_k = top_k
+def route_autograd(permute_op, unpermute_op, slot_dots_op):
+    """Autograd of one backend's permute and unpermute ops, each the other's backward:
+    ``(permute_backward, unpermute_backward, setup_context)``. Both ops take
+    ``(data, sorted_slots, slot_to_row, top_k, weights)``."""
+
+    def setup_context(ctx, inputs, output):
+        data, sorted_slots, slot_to_row, top_k, weights = inputs
+        ctx.save_for_backward(data, sorted_slots, slot_to_row, weights)
+        ctx.top_k = top_k
+
+    def permute_backward(ctx, grad):
+        x, sorted_slots, slot_to_row, w = ctx.saved_tensors
+        gx = unpermute_op(grad, sorted_slots, slot_to_row, ctx.top_k, w) if ctx.needs_input_grad[0] else None
+        gw = None
+        if w is not None and ctx.needs_input_grad[4]:
+            gw = slot_dots_op(grad, slot_to_row, x, ctx.top_k).to(w.dtype).view_as(w)
+        return gx, None, None, None, gw
+
+    def unpermute_backward(ctx, grad):
+        y, sorted_slots, slot_to_row, w = ctx.saved_tensors
+        gy = permute_op(grad, sorted_slots, slot_to_row, ctx.top_k, w) if ctx.needs_input_grad[0] else None
+        gw = None
+        if w is not None and ctx.needs_input_grad[4]:
+            gw = slot_dots_op(y, slot_to_row, grad, ctx.top_k).to(w.dtype)
+        return gy, None, None, None, gw
+
+    return permute_backward, unpermute_backward, setup_context
 
 
-def _permute_backward(ctx, grad):
-    x, sorted_slots, slot_to_row, w = ctx.saved_tensors
-    gx = unpermute(grad, sorted_slots, slot_to_row, ctx.top_k, w) if ctx.needs_input_grad[0] else None
-    gw = None
-    if w is not None and ctx.needs_input_grad[4]:
-        gw = slot_dots(grad, slot_to_row, x, ctx.top_k).to(w.dtype).view_as(w)
-    return gx, None, None, None, gw
-
-
-def _unpermute_backward(ctx, grad):
-    y, sorted_slots, slot_to_row, w = ctx.saved_tensors
-    gy = permute(grad, sorted_slots, slot_to_row, ctx.top_k, w) if ctx.needs_input_grad[0] else None
-    gw = None
-    if w is not None and ctx.needs_input_grad[4]:
-        gw = slot_dots(y, slot_to_row, grad, ctx.top_k).to(w.dtype)
-    return gy, None, None, None, gw
-
-
-permute.register_autograd(_permute_backward, setup_context=_route_setup)
-unpermute.register_autograd(_unpermute_backward, setup_context=_route_setup)
+_pbwd, _ubwd, _setup = route_autograd(permute, unpermute, slot_dots)
+permute.register_autograd(_pbwd, setup_context=_setup)
+unpermute.register_autograd(_ubwd, setup_context=_setup)
 
 # ----- grouped GEMM ----------------------------------------------------------------------------------
 
@@ -384,8 +390,8 @@ fused_moe.register_autograd(_moe_backward, setup_context=_moe_setup)
 
 @custom_op("moe_kernels::update_correction_bias", mutates_args=("bias",))
 def update_correction_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float) -> None:
-    load = tokens_per_expert.to(bias.dtype)
-    bias.add_(rate * torch.sign(load.mean() - load))
+    load = tokens_per_expert.to(torch.float64)  # exact counts, whatever the bias dtype
+    bias.add_((rate * torch.sign(load.mean() - load)).to(bias.dtype))
 
 
 @update_correction_bias.register_fake

@@ -40,14 +40,14 @@ def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 def stable_topk_indices(values: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the k largest entries per row, best first, ties to the lower index.
 
-    Entries where ``allowed`` is False rank below every allowed entry (two stable sorts give the
-    lexicographic order: allowed first, then value, then index).
+    NaN ranks below every number (-inf included), and entries where ``allowed`` is False rank below
+    every allowed one: two stable sorts give the lexicographic order (allowed, not NaN, value, index).
     """
-    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
-    if allowed is not None:
-        first = torch.sort(allowed.gather(-1, order).to(torch.int8), dim=-1, descending=True, stable=True).indices
-        order = order.gather(-1, first)
-    return order[..., :k]
+    nan = torch.isnan(values)
+    order = torch.sort(torch.where(nan, float("-inf"), values), dim=-1, descending=True, stable=True).indices
+    rank_class = (~nan).to(torch.int8) + (2 * allowed.to(torch.int8) if allowed is not None else 0)
+    first = torch.sort(rank_class.gather(-1, order), dim=-1, descending=True, stable=True).indices
+    return order.gather(-1, first)[..., :k]
 
 
 def topk_gating(
@@ -62,15 +62,15 @@ def topk_gating(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing. Returns ``(topk_weights [T, k] fp32, topk_ids [T, k] int32)``.
 
-    NaN selection scores rank below every number, so a NaN row still yields valid ids.
+    NaN selection scores rank below every number (-inf included), so a NaN row still yields valid ids.
     """
     T, E = logits.shape
     s = _scores(logits, scoring)  # [T, E]
     sel = s if correction_bias is None else s + correction_bias.to(s.dtype)
-    sel = torch.where(torch.isnan(sel), float("-inf"), sel)
     allowed = None
     if num_groups > 1:
-        grouped = sel.view(T, num_groups, E // num_groups)  # [T, G, E/G]
+        clean = torch.where(torch.isnan(sel), float("-inf"), sel)  # a group's score counts NaN as -inf
+        grouped = clean.view(T, num_groups, E // num_groups)  # [T, G, E/G]
         if correction_bias is not None and E // num_groups >= 2:
             group_score = grouped.topk(2, dim=-1).values.sum(-1)
         else:
@@ -145,8 +145,7 @@ def expert_choice_gating(logits: torch.Tensor, capacity: int, scoring: str = "so
     T, E = logits.shape
     s = _scores(logits, scoring)  # [T, E]
     c_eff = min(capacity, T)
-    sel = torch.where(torch.isnan(s), float("-inf"), s).t()  # [E, T]
-    tokens = stable_topk_indices(sel, c_eff)  # [E, c_eff]
+    tokens = stable_topk_indices(s.t(), c_eff)  # [E, c_eff]
     w = s.t().gather(1, tokens)
     pad = capacity - c_eff
     w = torch.cat([w, w.new_zeros(E, pad)], 1)
@@ -224,8 +223,11 @@ def plan_routing(
     ids = topk_ids.long()
     if expert_map is not None:
         n_global = expert_map.shape[0]
-        inside = (ids >= 0) & (ids < n_global)
-        ids = torch.where(inside, expert_map.long()[ids.clamp(0, max(n_global - 1, 0))], -1)
+        if n_global == 0:
+            ids = torch.full_like(ids, -1)
+        else:
+            inside = (ids >= 0) & (ids < n_global)
+            ids = torch.where(inside, expert_map.long()[ids.clamp(0, n_global - 1)], -1)
     key = torch.where((ids >= 0) & (ids < E), ids, E)  # [T, k]; E = dropped
     if capacity is not None:
         # GShard: all first choices before all second choices, earlier tokens first.

@@ -125,3 +125,11 @@ def test_expert_choice_bad_input():
         mk.expert_choice_gating(torch.randn(4), 2)
     with pytest.raises(ValueError, match="routing"):
         mk.MoE(8, 4, num_experts=2, top_k=1, routing="hash")
+
+
+def test_expert_choice_opcheck():
+    logits = torch.randn(9, 4, requires_grad=True)
+    torch.library.opcheck(torch.ops.moe_kernels.expert_choice_gating.default, (logits, 3, "softmax"))
+    w, ids = mk.expert_choice_gating(logits.detach(), 3)
+    torch.library.opcheck(torch.ops.moe_kernels.expert_choice_backward.default, (torch.randn(4, 3), logits.detach(), ids, "sigmoid"))
+    torch.library.opcheck(torch.ops.moe_kernels.expert_choice_plan.default, (ids, 9))

@@ -124,6 +124,8 @@ def test_fused_moe_opcheck():
     x, w13, w2, w, ids, b13, b2 = make_inputs(7, 16, 8, 4, 2, bias=True)
     args = (x.requires_grad_(), w13.requires_grad_(), w2, w.requires_grad_(), ids, "silu", True, b13, b2, False, None, None)
     torch.library.opcheck(torch.ops.moe_kernels.fused_moe.default, args)
+    bwd_args = (torch.randn(7, 16),) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.moe_kernels.fused_moe_backward.default, bwd_args)
     h = torch.randn(9, 16, requires_grad=True)
     for kind in ("silu", "gelu", "relu", "swiglu_oai"):
         torch.library.opcheck(torch.ops.moe_kernels.activation.default, (h, kind, True))

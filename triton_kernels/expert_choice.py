@@ -3,7 +3,7 @@
 One program per expert streams the expert's column of scores in chunks of ``BLOCK_C`` tokens and
 keeps a running top-C: the running keys and the chunk's keys are joined, sorted (bitonic, in
 registers) and the better half kept. Keys order (score descending, token ascending) in one int64,
-as in the top-k kernel, so ties go to the lower token and NaN ranks last.
+as in the top-k kernel, so ties go to the lower token and NaN ranks last (below -inf).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._utils import identity_launch, next_pow2
+from .gating import NAN_MONO
 
 MAX_CAPACITY = 2048  # the running top-C lives in registers
 KEY_NONE = -(2**63)
@@ -20,9 +21,9 @@ KEY_NONE = -(2**63)
 
 @triton.jit
 def _token_key(v, tok):
-    v = tl.where(v != v, float("-inf"), v) + 0.0
-    bits = v.to(tl.int32, bitcast=True)
+    bits = (v + 0.0).to(tl.int32, bitcast=True)
     mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    mono = tl.where(v != v, NAN_MONO, mono)  # NaN below -inf
     return (mono.to(tl.int64) << 32) | (0xFFFFFFFF - tok)
 
 

@@ -4,8 +4,8 @@ renormalisation and scaling; and its backward.
 Selection keys: a score ``v`` is turned into an int64 whose order is the order of (``v`` descending,
 column ascending): the fp32 bits mapped to a monotone int32 in the high word, ``BLOCK_E-1-col`` in
 the low word. Every key in a row is unique, so one ``max`` finds the best expert and ties go to the
-lower index, exactly as the reference. NaN ranks below every number (as ``-inf``); columns past E
-and experts outside the chosen groups get keys below every real one.
+lower index, exactly as the reference. NaN ranks below every number, -inf included (a group's score
+counts NaN as -inf); columns past E and experts outside the chosen groups get keys below every real one.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from ._utils import identity_launch, next_pow2
 
 KEY_TAKEN = -(2**63)  # padding columns and experts already chosen
 KEY_EXCLUDED = -(2**63) + 1  # experts of groups that were not chosen
+NAN_MONO = -(2**31) + 1  # high word of a NaN score: below -inf, above the two keys above
 
 
 @triton.jit
 def _select_key(v, col, BLOCK: tl.constexpr):
-    v = tl.where(v != v, float("-inf"), v) + 0.0  # NaN -> -inf; -0.0 -> +0.0
-    bits = v.to(tl.int32, bitcast=True)
+    bits = (v + 0.0).to(tl.int32, bitcast=True)  # -0.0 -> +0.0
     mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+    mono = tl.where(v != v, NAN_MONO, mono)  # NaN below -inf
     return (mono.to(tl.int64) << 32) | (BLOCK - 1 - col).to(tl.int64)
 
 

@@ -3,7 +3,8 @@
 // Lane l holds experts l, l+32, ... (VPT values per lane, E <= 32*VPT). Every candidate carries an
 // int64 key ordering (score descending, expert ascending): the fp32 bits mapped to a monotone int32
 // in the high word, ~expert in the low word. Keys are unique, so a warp max-reduction with shuffles
-// picks the best expert and ties go to the lower index, exactly as the reference. NaN ranks as -inf.
+// picks the best expert and ties go to the lower index, exactly as the reference. NaN ranks below every
+// number, -inf included.
 #pragma once
 
 #include <cstdint>
@@ -17,11 +18,11 @@ namespace gating {
 constexpr long long kTaken = static_cast<long long>(0x8000000000000000ULL);  // padding / chosen
 constexpr long long kExcluded = kTaken + 1;                                    // outside chosen groups
 
+constexpr int kNanMono = -0x7FFFFFFF;  // high word of a NaN score: below -inf, above kTaken / kExcluded
+
 __device__ __forceinline__ long long make_key(float v, int index) {
-  if (v != v) v = -INFINITY;
-  v += 0.0f;  // -0.0 -> +0.0
-  const int bits = __float_as_int(v);
-  const int mono = bits ^ ((bits >> 31) & 0x7FFFFFFF);
+  const int bits = __float_as_int(v + 0.0f);  // -0.0 -> +0.0
+  const int mono = v != v ? kNanMono : bits ^ ((bits >> 31) & 0x7FFFFFFF);
   return (static_cast<long long>(mono) << 32) | static_cast<long long>(0xFFFFFFFFu - static_cast<unsigned>(index));
 }
 
@@ -29,8 +30,10 @@ __device__ __forceinline__ int key_index(long long key) {
   return static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(key & 0xFFFFFFFFLL));
 }
 
+// The score of a key; a NaN score reads as -inf (how group scores count it).
 __device__ __forceinline__ float key_value(long long key) {
   const int mono = static_cast<int>(key >> 32);
+  if (mono == kNanMono) return -INFINITY;
   return __int_as_float(mono ^ ((mono >> 31) & 0x7FFFFFFF));
 }
 
