@@ -22,6 +22,8 @@ try:
 
     from .triton_kernels import expert_choice as _expert_choice
     from .triton_kernels import gating as _gating
+    from .triton_kernels import permute as _permute
+    from .triton_kernels import plan as _plan
 except Exception:  # triton missing or broken: the backend reports why
     _gating = None
 
@@ -68,3 +70,36 @@ if _gating is not None:
     expert_choice_gating_triton.register_autograd(_bwd, setup_context=_setup)
     _backends.register("expert_choice_gating", "triton", _expert_choice.supports)(
         torch.ops.moe_kernels.expert_choice_gating_triton.default)
+
+    @triton_op("moe_kernels::permute_triton", mutates_args=())
+    def permute_triton(x: Tensor, sorted_slots: Tensor, slot_to_row: Tensor, top_k: int,
+                       row_weights: Optional[Tensor]) -> Tensor:
+        return _permute.permute(x, sorted_slots, slot_to_row, top_k, row_weights, launch=wrap_triton, empty=_empty)
+
+    @triton_op("moe_kernels::unpermute_triton", mutates_args=())
+    def unpermute_triton(y_sorted: Tensor, sorted_slots: Tensor, slot_to_row: Tensor, top_k: int,
+                         topk_weights: Optional[Tensor]) -> Tensor:
+        return _permute.unpermute(y_sorted, sorted_slots, slot_to_row, top_k, topk_weights, launch=wrap_triton,
+                                  empty=_empty)
+
+    @triton_op("moe_kernels::slot_dots_triton", mutates_args=())
+    def slot_dots_triton(rows: Tensor, slot_to_row: Tensor, per_token: Tensor, top_k: int) -> Tensor:
+        return _permute.slot_dots(rows, slot_to_row, per_token, top_k, launch=wrap_triton, empty=_empty)
+
+    _pbwd, _ubwd, _setup = ops.route_autograd(permute_triton, unpermute_triton, slot_dots_triton)
+    permute_triton.register_autograd(_pbwd, setup_context=_setup)
+    unpermute_triton.register_autograd(_ubwd, setup_context=_setup)
+    _backends.register("permute", "triton", _no_fp64)(torch.ops.moe_kernels.permute_triton.default)
+    _backends.register("unpermute", "triton", _no_fp64)(torch.ops.moe_kernels.unpermute_triton.default)
+
+    @triton_op("moe_kernels::plan_routing_triton", mutates_args=())
+    def plan_routing_triton(topk_ids: Tensor, num_experts: int, block_size: int, capacity: Optional[int],
+                            expert_map: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _plan.plan_routing(topk_ids, num_experts, block_size, capacity, expert_map, launch=wrap_triton, empty=_empty)
+
+    def _plan_supports(topk_ids, num_experts, *args, **kwargs):
+        if num_experts > 2047:
+            return f"the triton plan kernel serves E <= 2047, got {num_experts}"
+        return None
+
+    _backends.register("plan_routing", "triton", _plan_supports)(torch.ops.moe_kernels.plan_routing_triton.default)

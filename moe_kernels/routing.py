@@ -47,6 +47,22 @@ class RoutingPlan:
         """P, the number of permuted rows (padding included)."""
         return self.sorted_slots.shape[0]
 
+    def vllm_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The plan in the layout of vLLM's ``moe_align_block_size``, for block-aligned kernels:
+
+        ``sorted_token_ids`` [P] int32: flat slot of each row, ``T*k`` (vLLM's pad value) for padding;
+        ``expert_ids`` [P / block_size] int32: the expert of each block of rows, -1 past the last segment;
+        ``num_tokens_post_padded`` [1] int32: rows in use (all segments, padded to ``block_size``).
+        The ``P // block_size`` blocks cover every row in use, since ``expert_offsets[E] <= P``.
+        """
+        S = self.num_tokens * self.top_k
+        sorted_token_ids = torch.where(self.sorted_slots >= 0, self.sorted_slots, S)
+        num_blocks = self.num_rows // self.block_size
+        starts = torch.arange(num_blocks, device=self.sorted_slots.device, dtype=torch.int32) * self.block_size
+        experts = torch.searchsorted(self.expert_offsets[1:].contiguous(), starts, right=True).to(torch.int32)
+        expert_ids = torch.where(starts < self.expert_offsets[-1], experts, -1)
+        return sorted_token_ids, expert_ids, self.expert_offsets[-1:].clone()
+
 
 def plan_routing(
     topk_ids: torch.Tensor,

@@ -1,0 +1,139 @@
+"""Routing plan on the device: a stable counting sort of the (token, slot) pairs by expert.
+
+Two passes over the ids, each by the same grid of programs over contiguous chunks:
+1. ``plan_hist_kernel``: each program's per-expert histogram of its chunk (``tl.histogram``).
+2. (torch, tiny) exclusive prefix sums of the histograms over programs: the first rank of every
+   expert in every chunk; per-expert totals; padded expert offsets.
+3. ``plan_rank_kernel``: each element's rank within its expert = the chunk's base for that expert
+   + the running count of earlier sub-blocks + the count of equal experts before it in its sub-block.
+   The final pass writes ``slot_to_row`` and ``sorted_slots``.
+Capacity (GShard) runs the rank pass once in priority order (all first choices before all second
+choices) to find the slots that fit, then the plan pass drops the others. Sizes depend on shapes
+only: no host synchronisation, CUDA-graph safe; every index is 64-bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import identity_launch, next_pow2
+
+BLOCK = 128  # elements per sub-block (the in-block rank is a BLOCK x BLOCK comparison)
+
+
+@triton.jit
+def _experts(ids_ptr, map_ptr, rank_ptr, idx, S, T, top_k, num_experts, num_global, capacity,
+             PRIORITY: tl.constexpr, HAS_MAP: tl.constexpr, HAS_CAP: tl.constexpr):
+    """(flat slot, local expert in [0, E], E meaning dropped) of elements ``idx`` in the pass order."""
+    if PRIORITY:  # element p is choice p // T of token p % T
+        slot = (idx % T) * top_k + idx // T
+    else:
+        slot = idx
+    live = idx < S
+    e = tl.load(ids_ptr + slot, mask=live, other=-1).to(tl.int64)
+    if HAS_MAP:
+        inside = (e >= 0) & (e < num_global)
+        e = tl.where(inside, tl.load(map_ptr + tl.where(inside, e, 0), mask=live & inside, other=-1).to(tl.int64), -1)
+    e = tl.where((e >= 0) & (e < num_experts), e, num_experts)
+    if HAS_CAP:
+        r = tl.load(rank_ptr + slot, mask=live, other=0)
+        e = tl.where(r < capacity, e, num_experts)
+    return slot, e
+
+
+@triton.jit
+def plan_hist_kernel(
+    ids_ptr, map_ptr, rank_ptr, hist_ptr, S, T, top_k, num_experts, num_global, capacity, chunk,
+    PRIORITY: tl.constexpr, HAS_MAP: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    hist = tl.zeros([BLOCK_E], tl.int32)
+    for start in range(0, chunk, BLOCK):
+        idx = pid * chunk + start + tl.arange(0, BLOCK)
+        _, e = _experts(ids_ptr, map_ptr, rank_ptr, idx, S, T, top_k, num_experts, num_global, capacity,
+                        PRIORITY, HAS_MAP, HAS_CAP)
+        hist += tl.histogram(tl.where(idx < S, e, BLOCK_E - 1).to(tl.int32), BLOCK_E)
+    tl.store(hist_ptr + pid * BLOCK_E + tl.arange(0, BLOCK_E), hist)
+
+
+@triton.jit
+def plan_rank_kernel(
+    ids_ptr, map_ptr, rank_ptr, base_ptr, offsets_ptr, rank_out_ptr, slot_to_row_ptr, sorted_slots_ptr,
+    S, T, top_k, num_experts, num_global, capacity, chunk,
+    PRIORITY: tl.constexpr, HAS_MAP: tl.constexpr, HAS_CAP: tl.constexpr, FINAL: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    running = tl.load(base_ptr + pid * BLOCK_E + tl.arange(0, BLOCK_E))  # [BLOCK_E] first rank per expert
+    i = tl.arange(0, BLOCK)
+    earlier = i[None, :] < i[:, None]  # [BLOCK, BLOCK]: column before row
+    for start in range(0, chunk, BLOCK):
+        idx = pid * chunk + start + i
+        live = idx < S
+        slot, e = _experts(ids_ptr, map_ptr, rank_ptr, idx, S, T, top_k, num_experts, num_global, capacity,
+                           PRIORITY, HAS_MAP, HAS_CAP)
+        e = tl.where(live, e, BLOCK_E - 1).to(tl.int32)
+        same_before = tl.sum((earlier & (e[None, :] == e[:, None])).to(tl.int32), 1)
+        rank = tl.gather(running, e, 0) + same_before
+        kept = live & (e < num_experts)
+        if FINAL:
+            row = tl.load(offsets_ptr + e, mask=kept, other=0).to(tl.int64) + rank
+            tl.store(slot_to_row_ptr + slot, tl.where(kept, row, -1).to(tl.int32), mask=live)
+            tl.store(sorted_slots_ptr + row, slot.to(tl.int32), mask=kept)
+        else:
+            tl.store(rank_out_ptr + slot, rank, mask=live)
+        running += tl.histogram(e, BLOCK_E)
+
+
+def _pass(ids, expert_map, rank_in, num_experts, capacity, priority, final, offsets_fn, out, *, launch, empty):
+    """One histogram + rank pass; ``offsets_fn(counts)`` gives the expert offsets for the final pass."""
+    T, k = ids.shape
+    S, dev = T * k, ids.device
+    block_e = max(next_pow2(num_experts + 1), 16)
+    n_prog = max(1, min(triton.cdiv(S, BLOCK), 1024))
+    chunk = triton.cdiv(triton.cdiv(S, n_prog), BLOCK) * BLOCK
+    n_prog = triton.cdiv(S, chunk)
+    common = dict(PRIORITY=priority, HAS_MAP=expert_map is not None, HAS_CAP=rank_in is not None, BLOCK_E=block_e, BLOCK=BLOCK)
+    map_arg = expert_map if expert_map is not None else ids
+    rank_arg = rank_in if rank_in is not None else ids
+    n_global = expert_map.shape[0] if expert_map is not None else 0
+    cap = capacity if capacity is not None else 0
+    hist = empty((n_prog, block_e), dtype=torch.int32, device=dev)
+    launch(plan_hist_kernel)[(n_prog,)](ids, map_arg, rank_arg, hist, S, T, k, num_experts, n_global, cap, chunk, **common)
+    base = (torch.cumsum(hist, 0, dtype=torch.int32) - hist).contiguous()  # [n_prog, BLOCK_E] exclusive over programs
+    counts = hist.sum(0, dtype=torch.int32)[:num_experts]
+    offsets = offsets_fn(counts)
+    rank_out, slot_to_row, sorted_slots = out
+    launch(plan_rank_kernel)[(n_prog,)](
+        ids, map_arg, rank_arg, base, offsets if offsets is not None else base, rank_out if rank_out is not None else base,
+        slot_to_row if slot_to_row is not None else base, sorted_slots if sorted_slots is not None else base,
+        S, T, k, num_experts, n_global, cap, chunk, FINAL=final, **common,
+    )
+    return counts, offsets
+
+
+def plan_routing(topk_ids, num_experts, block_size, capacity, expert_map, *, launch=identity_launch, empty):
+    """Launcher: ``(sorted_slots [P], expert_offsets [E+1], tokens_per_expert [E], slot_to_row [S])``, int32."""
+    T, k = topk_ids.shape
+    S, E, dev = T * k, num_experts, topk_ids.device
+    P = S + E * (block_size - 1)
+    ids = topk_ids.contiguous()
+    emap = expert_map.contiguous() if expert_map is not None else None
+    sorted_slots = torch.full((P,), -1, dtype=torch.int32, device=dev)
+    slot_to_row = empty((S,), dtype=torch.int32, device=dev)
+    if S == 0:
+        return sorted_slots, torch.zeros(E + 1, dtype=torch.int32, device=dev), torch.zeros(E, dtype=torch.int32, device=dev), slot_to_row
+    kw = dict(launch=launch, empty=empty)
+    rank = None
+    if capacity is not None:
+        rank = empty((S,), dtype=torch.int32, device=dev)
+        _pass(ids, emap, None, E, None, True, False, lambda c: None, (rank, None, None), **kw)
+
+    def padded_offsets(counts):
+        padded = (counts + (block_size - 1)) // block_size * block_size
+        return torch.cat([counts.new_zeros(1), torch.cumsum(padded, 0, dtype=torch.int32)])
+
+    counts, offsets = _pass(ids, emap, rank, E, capacity, False, True, padded_offsets, (None, slot_to_row, sorted_slots), **kw)
+    return sorted_slots, offsets, counts, slot_to_row
