@@ -143,17 +143,28 @@ def _check_plan(fn: str, plan) -> None:
         raise TypeError(f"{fn}: plan must be a RoutingPlan (from plan_routing), got {type(plan).__name__}")
 
 
-def permute(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> torch.Tensor:
+def permute(x: torch.Tensor, plan: RoutingPlan, *, topk_weights: torch.Tensor | None = None, backend: str = "auto"):
     """Gather token rows into expert order: ``x_sorted[r] = x[sorted_slots[r] // k]``, padding rows zero.
 
     ``x`` [T, H] (any float dtype) -> ``x_sorted`` [P, H]. Differentiable in ``x``.
+    With ``topk_weights`` [T, k] it returns ``(x_sorted, row_weights [P])``: the routing weight of each
+    row's slot (0 for padding), for callers that apply the weights in expert order.
     """
     fn = "permute"
     _check_plan(fn, plan)
     _checks.check_tensor(fn, "x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES, shape=(plan.num_tokens, None), layout="[T, H]")
-    _checks.check_same_device(fn, x=x, plan=plan.sorted_slots)
+    if topk_weights is not None:
+        _checks.check_tensor(fn, "topk_weights", topk_weights, dtypes=_checks.FLOAT_DTYPES,
+                             shape=(plan.num_tokens, plan.top_k), layout="[T, k]")
+    _checks.check_same_device(fn, x=x, plan=plan.sorted_slots, topk_weights=topk_weights)
     impl = _backends.select(fn, backend, x.device, x, plan)
-    return impl(x, plan.sorted_slots, plan.slot_to_row, plan.top_k, None)
+    x_sorted = impl(x, plan.sorted_slots, plan.slot_to_row, plan.top_k, None)
+    if topk_weights is None:
+        return x_sorted
+    slots = plan.sorted_slots
+    picked = topk_weights.reshape(-1).index_select(0, slots.clamp(min=0).long()) if topk_weights.numel() else None
+    row_weights = topk_weights.new_zeros(slots.shape[0]) if picked is None else torch.where(slots >= 0, picked, 0.0)
+    return x_sorted, row_weights
 
 
 def unpermute(
