@@ -13,7 +13,7 @@ import torch
 from .harness import collect_meta, format_table, write_results
 from .shapes import REPO, select_shapes
 
-SUITES = ("main",)  # later: permute, tune, ...
+SUITES = ("main", "routing")  # later: permute, tune, ...
 
 
 def _csv_list(text: str) -> list[str]:
@@ -27,12 +27,12 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="fewer models, fewer tokens, shorter timing (CPU: < 1 min)")
+def _common(p: argparse.ArgumentParser, models: str = "all; with --quick: 3 of them",
+            tokens: str = "cpu 64 quick / 256, cuda 1024 quick / 4096", quick: str = "fewer models, fewer tokens") -> None:
+    p.add_argument("--quick", action="store_true", help=f"{quick}, shorter timing (CPU: < 1 min)")
     p.add_argument("--models", type=_csv_list, default=None, metavar="A,B",
-                   help="model names from shared/models.json (default: all; with --quick: 3 of them)")
-    p.add_argument("--tokens", type=_int_list, default=None, metavar="T[,T]",
-                   help="tokens per batch (default: cpu 64 quick / 256, cuda 1024 quick / 4096)")
+                   help=f"model names from shared/models.json (default: {models})")
+    p.add_argument("--tokens", type=_int_list, default=None, metavar="T[,T]", help=f"tokens per batch (default: {tokens})")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: 1 with --quick or on a busy machine, else torch's choice)")
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("main", help="MoE layer, fused_moe and every op on model shapes, all backends and baselines")
     _common(p)
     p.set_defaults(func=cmd_main)
+    p = sub.add_parser("routing", help="top-k and expert-choice gating against the torch reference and a torch.compile'd chain")
+    _common(p, models="deepseek-v3, qwen3-30b-a3b, mixtral-8x7b, kimi-k2",
+            tokens="cpu 1,16,128,1024,4096 (quick 1,128,1024); cuda 1,16,128,1024,16384,65536 (quick 1,128,16384)",
+            quick="fewer tokens")
+    p.set_defaults(func=cmd_routing)
     return parser
 
 
@@ -70,6 +75,32 @@ def _warn_noise(device: str) -> None:
               file=sys.stderr)
 
 
+def _threads(args: argparse.Namespace, device: str) -> None:
+    threads = args.threads or (1 if device == "cpu" and (args.quick or _busy()) else None)
+    if threads:
+        torch.set_num_threads(threads)
+    _warn_noise(device)
+
+
+def _run_suite(args: argparse.Namespace, suite: str, device: str, source: str, run, detail: str = "",
+               table: dict | None = None) -> int:
+    """Print the run header, ``run() -> (rows, facts)``, print the table and write the results."""
+    meta = collect_meta(device, suite, argv=sys.argv[1:], models_source=source)
+    print(f"bench {suite} on {meta['device_name']} ({device}, threads={torch.get_num_threads()}); torch {meta['torch']}, "
+          f"triton {meta['triton']}, commit {meta['git_commit']}; shapes from {source}{detail}", flush=True)
+    t0 = time.perf_counter()
+    rows, facts = run()
+    wall = time.perf_counter() - t0
+    meta.update(wall_s=round(wall, 1), **facts)
+    print(f"backends: {', '.join(facts['backends'])}")
+    for note in facts.get("notes", ()):
+        print(f"note: {note}")
+    print(format_table(rows, facts["ceilings"], **(table or {})))
+    csv_path, json_path = write_results(rows, meta, args.out)
+    print(f"\n{len(rows)} rows in {wall:.1f} s; wrote {csv_path} and {json_path}")
+    return 0
+
+
 def cmd_main(args: argparse.Namespace) -> int:
     from .suites import run_main
 
@@ -78,23 +109,21 @@ def cmd_main(args: argparse.Namespace) -> int:
         shapes, source = select_shapes(args.models, device, args.quick, args.tokens)
     except ValueError as exc:  # unknown model names
         sys.exit(f"bench: {exc}")
-    threads = args.threads or (1 if device == "cpu" and (args.quick or _busy()) else None)
-    if threads:
-        torch.set_num_threads(threads)
-    _warn_noise(device)
-    meta = collect_meta(device, "main", argv=sys.argv[1:], models_source=source)
-    print(f"bench main on {meta['device_name']} ({device}, threads={torch.get_num_threads()}); torch {meta['torch']}, "
-          f"triton {meta['triton']}, commit {meta['git_commit']}; shapes from {source}"
-          + ("; CPU: H and I scaled down, fp32" if device == "cpu" else ""), flush=True)
-    t0 = time.perf_counter()
-    rows, facts = run_main(shapes, device, args.quick)
-    wall = time.perf_counter() - t0
-    meta.update(wall_s=round(wall, 1), **facts)
-    print(f"backends: {', '.join(facts['backends'])}")
-    print(format_table(rows, facts["ceilings"]))
-    csv_path, json_path = write_results(rows, meta, args.out)
-    print(f"\n{len(rows)} rows in {wall:.1f} s; wrote {csv_path} and {json_path}")
-    return 0
+    _threads(args, device)
+    return _run_suite(args, "main", device, source, lambda: run_main(shapes, device, args.quick),
+                      "; CPU: H and I scaled down, fp32" if device == "cpu" else "")
+
+
+def cmd_routing(args: argparse.Namespace) -> int:
+    from .routing import TABLE, run_routing, select_routing
+
+    device = _device(args.device)
+    try:
+        shapes, source, notes = select_routing(args.models, device, args.quick, args.tokens)
+    except ValueError as exc:  # unknown model names
+        sys.exit(f"bench: {exc}")
+    _threads(args, device)
+    return _run_suite(args, "routing", device, source, lambda: run_routing(shapes, device, args.quick, notes), table=TABLE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,23 @@ def _expert_flops(s: Shape) -> int:
     return 2 * _slots(s) * (s.I2 * s.H + s.H * s.I)
 
 
+def gating_bytes(s: Shape, logits_bytes: int = F32, stats: bool = False, bwd: bool = False) -> int:
+    """logits [T, E] in (+ correction bias [E] fp32); weights [T, k] fp32 and ids [T, k] int32 out;
+    ``stats``: counts [E] int32 and score sums [E] fp32 out too; ``bwd``: then grad_weights [T, k] and
+    ids in, logits read again and grad_logits [T, E] written."""
+    n = s.T * s.E * logits_bytes + _slots(s) * (F32 + I32) + (s.E * F32 if s.cfg.get("correction_bias") else 0)
+    n += s.E * (I32 + F32) if stats else 0
+    return n + (_slots(s) * (F32 + I32) + 2 * s.T * s.E * logits_bytes if bwd else 0)
+
+
+def expert_choice_bytes(s: Shape, capacity: int) -> int:
+    # logits [T, E] in; weights [E, C] fp32 and token_ids [E, C] int32 out
+    return s.T * s.E * _es(s) + s.E * capacity * (F32 + I32)
+
+
 def topk_gating(s: Shape) -> tuple[int, int]:
-    # logits [T, E] fp32 in; weights [T, k] fp32 and ids [T, k] int32 out
-    return 0, s.T * s.E * F32 + _slots(s) * (F32 + I32)
+    # the layer's logits are fp32 whatever the layer's dtype
+    return 0, gating_bytes(s, F32)
 
 
 def plan_routing(s: Shape) -> tuple[int, int]:

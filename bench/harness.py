@@ -23,7 +23,9 @@ from .shapes import REPO, Shape
 QUANTILES = [0.5, 0.2, 0.8]
 # recorded in the metadata when set
 ENV_VARS = ("MOE_KERNELS_POISON", "MOE_KERNELS_CHECK_VALUES", "TRITON_INTERPRET", "OMP_NUM_THREADS")
-BASELINES = ("loop", "grouped_mm")  # non-kernel rows; "torch" (the reference backend) is the third baseline
+BASELINES = ("loop", "grouped_mm", "chain", "chain_compiled")  # non-kernel rows; "torch" (the reference) is one more
+# ratio column -> the backend whose time it divides by the row's (the main suite's; other suites pass their own)
+MAIN_RATIOS = {"vs_ref": "torch", "vs_loop": "loop", "vs_grouped_mm": "grouped_mm"}
 
 
 # ----- timing ----------------------------------------------------------------------------------------
@@ -123,19 +125,19 @@ class Case:
     note: str = ""
 
 
-def _flat_tensors(out) -> list[torch.Tensor]:
+def flat_tensors(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat_tensors(o)]
+        return [t for o in out for t in flat_tensors(o)]
     if hasattr(out, "__dataclass_fields__"):
-        return [t for f in out.__dataclass_fields__ for t in _flat_tensors(getattr(out, f))]
+        return [t for f in out.__dataclass_fields__ for t in flat_tensors(getattr(out, f))]
     return []
 
 
 def output_error(out, ref) -> float | None:
     """Largest relative error (norm of difference over norm of reference) over the output tensors."""
-    a, b = _flat_tensors(out), _flat_tensors(ref)
+    a, b = flat_tensors(out), flat_tensors(ref)
     if not a or len(a) != len(b):
         return None
     worst = 0.0
@@ -152,8 +154,9 @@ def _clear(grads: Sequence[torch.Tensor]) -> None:
         g.grad = None
 
 
-def run_case(case: Case, device: str, quick: bool, ceilings: dict, ref_out=None) -> tuple[dict, object]:
-    """Measure one case; returns its result row and its output (for comparison with other rows)."""
+def run_case(case: Case, device: str, quick: bool, ceilings: dict, ref_out=None,
+             ratios: dict = MAIN_RATIOS) -> tuple[dict, object]:
+    """Measure one case; returns its result row (with empty ``ratios`` columns) and its output."""
     s = case.shape
     row = {
         "op": case.op, "model": s.model, "shape": s.label, "T": s.T, "H": s.H, "I": s.I, "E": s.E, "k": s.k,
@@ -161,7 +164,7 @@ def run_case(case: Case, device: str, quick: bool, ceilings: dict, ref_out=None)
         "kind": "baseline" if case.backend in BASELINES else "kernel",
         "median_ms": None, "p20_ms": None, "p80_ms": None, "flops": case.flops, "bytes": case.bytes,
         "tflops": None, "gbps": None, "bound": None, "frac_ceiling": None,
-        "vs_ref": None, "vs_loop": None, "vs_grouped_mm": None, "err_vs_ref": None, "note": case.note,
+        **dict.fromkeys(ratios), "err_vs_ref": None, "note": case.note,
     }
     if case.fn is None:
         return row, None
@@ -181,7 +184,7 @@ def run_case(case: Case, device: str, quick: bool, ceilings: dict, ref_out=None)
         return row, None
     finally:
         _clear(case.grads)  # gradients of full-size models are large: free them between rows
-    row.update({c: _sig(row[c]) for c in ("median_ms", "p20_ms", "p80_ms", "err_vs_ref")})
+    row.update({c: sig(row[c]) for c in ("median_ms", "p20_ms", "p80_ms", "err_vs_ref")})
     sec = row["median_ms"] / 1e3
     row["tflops"] = case.flops / sec / 1e12
     row["gbps"] = case.bytes / sec / 1e9
@@ -189,23 +192,23 @@ def run_case(case: Case, device: str, quick: bool, ceilings: dict, ref_out=None)
     t_byte = case.bytes / (ceilings["copy_gbps"] * 1e9)
     row["bound"] = "compute" if t_flop >= t_byte else "memory"
     row["frac_ceiling"] = max(t_flop, t_byte) / sec
-    row.update({c: _sig(row[c]) for c in ("tflops", "gbps", "frac_ceiling")})
+    row.update({c: sig(row[c]) for c in ("tflops", "gbps", "frac_ceiling")})
     return row, out
 
 
-def _sig(v: float | None, digits: int = 5) -> float | None:
+def sig(v: float | None, digits: int = 5) -> float | None:
     return None if v is None else float(f"{v:.{digits}g}")
 
 
-def fill_ratios(rows: list[dict]) -> None:
+def fill_ratios(rows: list[dict], ratios: dict = MAIN_RATIOS) -> None:
     """Speedups of each row of one (op, shape) group against the reference and the baselines."""
     by_backend = {r["backend"]: r["median_ms"] for r in rows if r["median_ms"]}
     for r in rows:
         if not r["median_ms"]:
             continue
-        for col, base in (("vs_ref", "torch"), ("vs_loop", "loop"), ("vs_grouped_mm", "grouped_mm")):
+        for col, base in ratios.items():
             if by_backend.get(base):
-                r[col] = _sig(by_backend[base] / r["median_ms"], 4)
+                r[col] = sig(by_backend[base] / r["median_ms"], 4)
 
 
 # ----- progress --------------------------------------------------------------------------------------
@@ -250,9 +253,23 @@ def _fmt(v, spec: str, suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
-def format_table(rows: list[dict], ceilings: dict) -> str:
-    """Aligned text table: one line per row, a blank line between shapes."""
-    head = ["op", "model/shape", "backend", "median ms", "throughput", "ceiling", "vs ref", "vs loop", "vs grouped_mm", "note"]
+def rel_err_note(r: dict) -> str | None:
+    """The main suite's note for a forward output far from the reference's."""
+    err = r["err_vs_ref"]
+    if err is not None and err > (1e-4 if r["dtype"] in ("float32", "float64") else 3e-2):
+        return f"rel err vs ref {err:.1e}"
+    return None
+
+
+def format_table(rows: list[dict], ceilings: dict, ratios: dict = MAIN_RATIOS, extra: Sequence[tuple] = (),
+                 err_note: Callable[[dict], str | None] | None = rel_err_note) -> str:
+    """Aligned text table: one line per row, a blank line between shapes.
+
+    ``ratios``: the ratio columns; ``extra``: more columns as ``(header, key, format spec, suffix)``;
+    ``err_note(row)``: text added to the note (None: nothing).
+    """
+    head = ["op", "model/shape", "backend", "median ms", "throughput", "ceiling",
+            *(c.replace("_", " ", 1) for c in ratios), *(e[0] for e in extra), "note"]
     lines, prev = [], None
     for r in rows:
         if prev is not None and r["shape"] != prev:
@@ -264,19 +281,18 @@ def format_table(rows: list[dict], ceilings: dict) -> str:
             thr = f"{r['tflops']:.3g} TFLOP/s"
         else:
             thr = f"{r['gbps']:.3g} GB/s"
-        note = r["note"]
-        err = r["err_vs_ref"]
-        if err is not None and err > (1e-4 if r["dtype"] in ("float32", "float64") else 3e-2):
-            note = f"{note}; " if note else ""
-            note += f"rel err vs ref {err:.1e}"
+        note, more = r["note"], err_note(r) if err_note else None
+        if more:
+            note = f"{note}; {more}" if note else more
         ms = r["median_ms"]
         lines.append([r["op"], r["shape"], r["backend"], "-" if ms is None else f"{ms:.4g}", thr,
                       _fmt(None if r["frac_ceiling"] is None else 100 * r["frac_ceiling"], ".1f", "%"),
-                      _fmt(r["vs_ref"], ".2f", "x"), _fmt(r["vs_loop"], ".2f", "x"), _fmt(r["vs_grouped_mm"], ".2f", "x"), note])
+                      *(_fmt(r[c], ".2f", "x") for c in ratios), *(_fmt(r.get(key), spec, suf) for _, key, spec, suf in extra),
+                      note])
     body = [row for row in lines if row is not None]
     widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i]) for i in range(len(head))]
     widths[-1] = 0
-    right = {3, 4, 5, 6, 7, 8}
+    right = set(range(3, len(head) - 1))
 
     def render(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
