@@ -273,25 +273,32 @@ def _(y, expert_offsets):
     return y.new_empty(expert_offsets.shape[0] - 1, y.shape[1])
 
 
-def _gemm_setup(ctx, inputs, output):
-    x, w, offsets, bias, sorted_slots, trans_w = inputs
-    ctx.save_for_backward(x, w, offsets, sorted_slots)
-    ctx.trans_w, ctx.has_bias = trans_w, bias is not None
+def gemm_autograd(gemm_op, wgrad_op, segment_sum_op):
+    """``(backward, setup_context)`` of one backend's grouped_gemm op
+    ``(x, w, expert_offsets, bias, sorted_slots, trans_w)``: dX is the same GEMM with the weight read
+    transposed, dW the per-expert ``dY^T X`` (or ``X^T dY``), the bias gradient a segment sum."""
+
+    def setup_context(ctx, inputs, output):
+        x, w, offsets, bias, sorted_slots, trans_w = inputs
+        ctx.save_for_backward(x, w, offsets, sorted_slots)
+        ctx.trans_w, ctx.has_bias = trans_w, bias is not None
+
+    def backward(ctx, grad):
+        x, w, offsets, sorted_slots = ctx.saved_tensors
+        grad = torch.where(ref.row_mask(offsets, grad.shape[0], sorted_slots)[:, None], grad, 0)  # rows that were zeroed
+        need = ctx.needs_input_grad
+        gx = gemm_op(grad, w, offsets, None, sorted_slots, not ctx.trans_w) if need[0] else None
+        gw = None
+        if need[1]:
+            gw = wgrad_op(grad, x, offsets) if ctx.trans_w else wgrad_op(x, grad, offsets)
+        gb = segment_sum_op(grad, offsets) if ctx.has_bias and need[3] else None
+        return gx, gw, None, gb, None, None
+
+    return backward, setup_context
 
 
-def _gemm_backward(ctx, grad):
-    x, w, offsets, sorted_slots = ctx.saved_tensors
-    grad = torch.where(ref.row_mask(offsets, grad.shape[0], sorted_slots)[:, None], grad, 0)  # output rows that were zeroed
-    need = ctx.needs_input_grad
-    gx = grouped_gemm(grad, w, offsets, None, sorted_slots, not ctx.trans_w) if need[0] else None
-    gw = None
-    if need[1]:
-        gw = grouped_gemm_wgrad(grad, x, offsets) if ctx.trans_w else grouped_gemm_wgrad(x, grad, offsets)
-    gb = segment_sum(grad, offsets) if ctx.has_bias and need[3] else None
-    return gx, gw, None, gb, None, None
-
-
-grouped_gemm.register_autograd(_gemm_backward, setup_context=_gemm_setup)
+_bwd, _setup = gemm_autograd(grouped_gemm, grouped_gemm_wgrad, segment_sum)
+grouped_gemm.register_autograd(_bwd, setup_context=_setup)
 
 # ----- activation ------------------------------------------------------------------------------------
 
@@ -366,24 +373,30 @@ def _(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_
     ]
 
 
-def _moe_setup(ctx, inputs, output):
-    hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input, capacity, expert_map = inputs
-    ctx.save_for_backward(hidden, w13, w2, topk_weights, topk_ids, b13, b2, expert_map)
-    ctx.cfg = (act, gated, on_input, capacity)
+def moe_autograd(backward_op):
+    """``(backward, setup_context)`` of one backend's fused_moe op; ``backward_op`` (same arguments as
+    ``fused_moe_backward``) recomputes what it needs from the inputs, so only those are saved."""
+
+    def setup_context(ctx, inputs, output):
+        hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input, capacity, expert_map = inputs
+        ctx.save_for_backward(hidden, w13, w2, topk_weights, topk_ids, b13, b2, expert_map)
+        ctx.cfg = (act, gated, on_input, capacity)
+
+    def backward(ctx, grad):
+        hidden, w13, w2, topk_weights, topk_ids, b13, b2, expert_map = ctx.saved_tensors
+        act, gated, on_input, capacity = ctx.cfg
+        g = backward_op(grad, hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input, capacity, expert_map)
+        need = ctx.needs_input_grad
+        gb13 = g[4] if b13 is not None and need[7] else None
+        gb2 = g[5] if b2 is not None and need[8] else None
+        return (g[0] if need[0] else None, g[1] if need[1] else None, g[2] if need[2] else None,
+                g[3] if need[3] else None, None, None, None, gb13, gb2, None, None, None)
+
+    return backward, setup_context
 
 
-def _moe_backward(ctx, grad):
-    hidden, w13, w2, topk_weights, topk_ids, b13, b2, expert_map = ctx.saved_tensors
-    act, gated, on_input, capacity = ctx.cfg
-    g = fused_moe_backward(grad, hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input, capacity, expert_map)
-    need = ctx.needs_input_grad
-    gb13 = g[4] if b13 is not None and need[7] else None
-    gb2 = g[5] if b2 is not None and need[8] else None
-    return (g[0] if need[0] else None, g[1] if need[1] else None, g[2] if need[2] else None,
-            g[3] if need[3] else None, None, None, None, gb13, gb2, None, None, None)
-
-
-fused_moe.register_autograd(_moe_backward, setup_context=_moe_setup)
+_bwd, _setup = moe_autograd(fused_moe_backward)
+fused_moe.register_autograd(_bwd, setup_context=_setup)
 
 # ----- expert balancing ------------------------------------------------------------------------------
 
