@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._utils import identity_launch, next_pow2
+from .configs import get_config
 
 ACTS = {"none": 0, "silu": 1, "gelu": 2, "relu": 3, "swiglu_oai": 4}
 
@@ -187,13 +188,6 @@ def tile_schedule(expert_offsets: torch.Tensor, num_rows: int, block_m: int):
     return seg.to(torch.int32), row, tile_start[-1:].to(torch.int32), ends, max_tiles
 
 
-def _config(M_hint: int, N: int, K: int):
-    bm = 64 if M_hint >= 64 else max(16, next_pow2(M_hint))
-    bn = min(128, max(16, next_pow2(N)))
-    bk = min(64, max(16, next_pow2(K)))
-    return bm, bn, bk
-
-
 def grouped_gemm(
     x, w, expert_offsets, bias, sorted_slots, trans_w, *, gather_top_k=0, activation="none", gated=False,
     row_weights=None, scale_input=False, scatter_slots=0, launch=identity_launch, empty,
@@ -212,7 +206,11 @@ def grouped_gemm(
     y = empty((scatter_slots if scatter else P, N), dtype=x.dtype, device=x.device)
     if P == 0 or N == 0 or y.shape[0] == 0:
         return y
-    bm, bn, bk = _config(P // max(E, 1), N, K)
+    kernel = "gemm_gated" if gated else "gemm"
+    cfg = get_config(kernel, P, N, K, E, x.dtype, x.device)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if _interpreting():  # small tiles keep the interpreter fast; tile sizes do not change results
+        bm, bn, bk = min(bm, 32), min(bn, 64), min(bk, 32)
     tile_seg, tile_row, num_tiles, ends, max_tiles = tile_schedule(expert_offsets, P, bm)
     grid = (max_tiles * triton.cdiv(N, bn),)
     bias = bias.contiguous() if bias is not None else None
@@ -226,6 +224,7 @@ def grouped_gemm(
         HAS_BIAS=bias is not None,
         ACT=ACTS[activation], GATED=gated, UPCAST=_interpreting() and x.dtype == torch.bfloat16,
         IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
 
