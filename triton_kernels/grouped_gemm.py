@@ -190,12 +190,13 @@ def tile_schedule(expert_offsets: torch.Tensor, num_rows: int, block_m: int):
 
 def grouped_gemm(
     x, w, expert_offsets, bias, sorted_slots, trans_w, *, gather_top_k=0, activation="none", gated=False,
-    row_weights=None, scale_input=False, scatter_slots=0, launch=identity_launch, empty,
+    row_weights=None, scale_input=False, scatter_slots=0, config=None, launch=identity_launch, empty,
 ):
     """Launcher. ``w[e]`` is ``[N, K]`` (``trans_w``) or ``[K, N]``; N counts output columns (``inter``
     for a gated activation, whose weight has ``2*inter`` rows). ``row_weights`` (per slot, ``[T*k]``)
     scale the input rows (``scale_input``) or the output rows. Returns ``[P, N]`` in expert order, or
-    ``[scatter_slots, N]`` in slot order when ``scatter_slots > 0`` (rows of dropped slots not written)."""
+    ``[scatter_slots, N]`` in slot order when ``scatter_slots > 0`` (rows of dropped slots not written).
+    ``config`` overrides the tile config (for tuning)."""
     P = sorted_slots.shape[0] if sorted_slots is not None else x.shape[0]
     E = w.shape[0]
     n_w = w.shape[1] if trans_w else w.shape[2]
@@ -207,7 +208,7 @@ def grouped_gemm(
     if P == 0 or N == 0 or y.shape[0] == 0:
         return y
     kernel = "gemm_gated" if gated else "gemm"
-    cfg = get_config(kernel, P, N, K, E, x.dtype, x.device)
+    cfg = config or get_config(kernel, P, N, K, E, x.dtype, x.device)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if _interpreting():  # small tiles keep the interpreter fast; tile sizes do not change results
         bm, bn, bk = min(bm, 32), min(bn, 64), min(bk, 32)
