@@ -37,13 +37,27 @@ def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
 
 
+NAN_MONO = -(2**31) + 1  # the order key of a NaN: below -inf
+KEY_EXCLUDED = -(2**63) + 1  # the order key of an entry outside the allowed set
+
+
 def stable_topk_indices(values: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the k largest entries per row, best first, ties to the lower index.
 
     NaN ranks below every number (-inf included), and entries where ``allowed`` is False rank below
-    every allowed one: two stable sorts give the lexicographic order (allowed, not NaN, value, index).
+    every allowed one. fp32 values become unique int64 keys (the fp32 bits mapped to a monotone int32,
+    then the reversed column), so one ``topk`` gives that exact order, as the kernels do; other dtypes
+    take two stable sorts (lexicographic: allowed, not NaN, value, index).
     """
     nan = torch.isnan(values)
+    n = values.shape[-1]
+    if values.dtype == torch.float32 and n < 2**32:
+        bits = (values + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 ties with +0.0
+        mono = torch.where(nan, NAN_MONO, bits ^ ((bits >> 31) & 0x7FFFFFFF))
+        key = (mono << 32) | (n - 1 - torch.arange(n, device=values.device))
+        if allowed is not None:
+            key = torch.where(allowed, key, KEY_EXCLUDED)
+        return key.topk(k, dim=-1).indices
     order = torch.sort(torch.where(nan, float("-inf"), values), dim=-1, descending=True, stable=True).indices
     rank_class = (~nan).to(torch.int8) + (2 * allowed.to(torch.int8) if allowed is not None else 0)
     first = torch.sort(rank_class.gather(-1, order), dim=-1, descending=True, stable=True).indices
