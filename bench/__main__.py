@@ -13,7 +13,7 @@ import torch
 from .harness import collect_meta, format_table, write_results
 from .shapes import REPO, select_shapes
 
-SUITES = ("main", "routing")  # later: permute, tune, ...
+SUITES = ("main", "routing", "lora", "tune")
 
 
 def _csv_list(text: str) -> list[str]:
@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
             tokens="cpu 1,16,128,1024,4096 (quick 1,128,1024); cuda 1,16,128,1024,16384,65536 (quick 1,128,16384)",
             quick="fewer tokens")
     p.set_defaults(func=cmd_routing)
+    p = sub.add_parser("lora", help="mixture of LoRA experts on a frozen projection against a per-expert loop and the base layer")
+    _common(p, models="(Llama-like projections 4096x4096 and 4096x14336)", tokens="cpu 16,256; cuda 16,1024,8192",
+            quick="E=8, r=16, k=2 only")
+    p.set_defaults(func=cmd_lora)
+    p = sub.add_parser("tune", help="tile configs of the Triton grouped GEMM for the model shapes on this GPU (writes JSON)")
+    p.add_argument("--models", type=_csv_list, default=None, metavar="A,B", help="model names (default: all)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="default: triton_kernels/configs")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 
@@ -124,6 +132,26 @@ def cmd_routing(args: argparse.Namespace) -> int:
         sys.exit(f"bench: {exc}")
     _threads(args, device)
     return _run_suite(args, "routing", device, source, lambda: run_routing(shapes, device, args.quick, notes), table=TABLE)
+
+
+def cmd_lora(args: argparse.Namespace) -> int:
+    from .lora import TABLE, run_lora, select_lora
+
+    device = _device(args.device)
+    shapes, source, notes = select_lora(device, args.quick, args.tokens)
+    _threads(args, device)
+    return _run_suite(args, "lora", device, source, lambda: run_lora(shapes, device, args.quick, notes), table=TABLE)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .shapes import load_models
+    from .tune import run_tune
+
+    models, _ = load_models()
+    models = {n: c for n, c in models.items() if not n.startswith("_") and (not args.models or n in args.models)}
+    for path in run_tune(models, out_dir=args.out):
+        print(f"wrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
