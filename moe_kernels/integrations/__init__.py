@@ -1,0 +1,9 @@
+"""Drop-in use of moe_kernels from other libraries.
+
+- :mod:`moe_kernels.integrations.transformers`: ``patch(model)`` / ``from_hf(block)`` run the sparse-MoE
+  blocks of Hugging Face transformers (5.x) models on our kernels, on the same parameters.
+- :mod:`moe_kernels.integrations.vllm`: ``fused_experts`` and ``fused_topk`` with vLLM's argument names and
+  layouts, so a vLLM-style caller switches by changing an import.
+
+Neither submodule imports its library: transformers and vLLM stay optional (transformers is a test extra).
+"""

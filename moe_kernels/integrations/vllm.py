@@ -1,0 +1,183 @@
+"""vLLM's fused-MoE entry points on moe_kernels: ``fused_experts`` and ``fused_topk``.
+
+Same argument names, layouts and results as ``vllm.model_executor.layers.fused_moe``, so that a vLLM-style
+caller switches by changing an import::
+
+    from moe_kernels.integrations.vllm import fused_experts, fused_topk
+
+    topk_weights, topk_ids, _ = fused_topk(x, router_logits, topk=2, renormalize=True)
+    out = fused_experts(x, w1, w2, topk_weights, topk_ids, activation="silu")
+
+============== ============ ==========================================================================
+argument       shape        meaning
+============== ============ ==========================================================================
+hidden_states  [T, H]       tokens (fp32/bf16/fp16; fp64 too)
+w1             [E, 2I, H]   gate rows [0, I) then up rows (vLLM's layout); ``[E, I, H]`` for ``*_no_mul``;
+                            for ``swigluoai`` vLLM's interleaved rows (gate, up, gate, up, ...)
+w2             [E, H, I]    down projection
+topk_weights   [T, k]       routing weights (fp32)
+topk_ids       [T, k]       int32/int64 expert ids (global ids when ``expert_map`` is given)
+expert_map     [E_global]   global -> local expert on this rank, -1 where the expert lives elsewhere
+============== ============ ==========================================================================
+
+Differences from vLLM:
+
+- Unquantized experts only: ``use_fp8_w8a8``, ``use_int8_w8a8``, ``use_int8_w8a16``, ``use_int4_w4a16``,
+  ``per_channel_quant``, any scale or zero point, ``block_shape``, or a ``quant_config`` with a quantized dtype
+  raise ``ValueError``. Expert biases come from the ``w1_bias``/``w2_bias`` keywords or, as in newer vLLM, the
+  fields of the same names of an unquantized ``quant_config``.
+- Activations ``silu``, ``gelu`` (exact), ``swigluoai``, ``silu_no_mul``, ``gelu_no_mul`` (strings, or an enum
+  whose ``value``/``name`` is one of them); others raise ``ValueError``. ``swigluoai`` makes one
+  de-interleaving copy of ``w1`` (and its bias) per call, since :func:`moe_kernels.fused_moe` takes gate rows
+  then up rows.
+- ``inplace=True`` writes the result into ``hidden_states`` and returns it, but computes it out of place
+  first: it saves no memory.
+- ``apply_router_weight_on_input`` works for any ``k`` (vLLM requires ``k == 1``).
+- Arguments after ``apply_router_weight_on_input`` are keyword-only (vLLM's positional order differs between
+  versions). ``allow_deep_gemm`` and ``allow_cutlass_block_scaled_grouped_gemm`` are accepted and ignored;
+  ``backend`` (``"auto" | "torch" | "triton" | "cuda"``) is ours.
+- Differentiable in hidden states, weights, biases and routing weights (vLLM's op is inference-only), and
+  deterministic.
+- ``fused_topk``: ties go to the lower expert index; ``token_expert_indices[t, j] = j * T + t`` as vLLM's
+  kernel writes them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from ..gating import topk_gating
+from ..moe import fused_moe
+
+__all__ = ["fused_experts", "fused_topk"]
+
+# vLLM activation -> (fused_moe activation, gated)
+ACTIVATIONS = {
+    "silu": ("silu", True),
+    "gelu": ("gelu", True),
+    "swigluoai": ("swiglu_oai", True),
+    "silu_no_mul": ("silu", False),
+    "gelu_no_mul": ("gelu", False),
+}
+_QUANT_FLAGS = ("use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_int4_w4a16", "per_channel_quant")
+_QUANT_TENSORS = ("w1_scale", "w2_scale", "w1_zp", "w2_zp", "a1_scale", "a2_scale", "block_shape")
+
+
+def _activation(fn: str, activation) -> tuple[str, bool, bool]:
+    """``(fused_moe activation, gated, interleaved)`` of a vLLM activation name or enum member."""
+    names = [activation] if isinstance(activation, str) else [getattr(activation, "value", None),
+                                                               getattr(activation, "name", None)]
+    for name in names:
+        if isinstance(name, str) and name.lower() in ACTIVATIONS:
+            kind, gated = ACTIVATIONS[name.lower()]
+            return kind, gated, name.lower() == "swigluoai"
+    raise ValueError(f"{fn}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+def _deinterleave(w: torch.Tensor) -> torch.Tensor:
+    """Rows (g0, u0, g1, u1, ...) -> (g0, g1, ..., u0, u1, ...) along dim 1 (a copy)."""
+    E, I2 = w.shape[0], w.shape[1]
+    return w.view(E, I2 // 2, 2, *w.shape[2:]).transpose(1, 2).reshape(w.shape)
+
+
+def fused_experts(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    inplace: bool = False,
+    activation="silu",
+    apply_router_weight_on_input: bool = False,
+    *,
+    global_num_experts: int = -1,
+    expert_map: torch.Tensor | None = None,
+    quant_config=None,
+    w1_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    use_fp8_w8a8: bool = False,
+    use_int8_w8a8: bool = False,
+    use_int8_w8a16: bool = False,
+    use_int4_w4a16: bool = False,
+    per_channel_quant: bool = False,
+    w1_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w1_zp: torch.Tensor | None = None,
+    w2_zp: torch.Tensor | None = None,
+    a1_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    block_shape: list[int] | None = None,
+    allow_deep_gemm: bool = False,
+    allow_cutlass_block_scaled_grouped_gemm: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """vLLM's ``fused_experts``: every token through its k experts, summed with ``topk_weights`` -> ``[T, H]``.
+
+    See the module docstring for shapes and for the differences from vLLM. Example::
+
+        >>> w, ids, _ = fused_topk(x, x @ router.T, 2, True)
+        >>> out = fused_experts(x, w1, w2, w, ids)
+    """
+    fn = "fused_experts"
+    given = dict(use_fp8_w8a8=use_fp8_w8a8, use_int8_w8a8=use_int8_w8a8, use_int8_w8a16=use_int8_w8a16,
+                 use_int4_w4a16=use_int4_w4a16, per_channel_quant=per_channel_quant, w1_scale=w1_scale,
+                 w2_scale=w2_scale, w1_zp=w1_zp, w2_zp=w2_zp, a1_scale=a1_scale, a2_scale=a2_scale,
+                 block_shape=block_shape)
+    for name in _QUANT_FLAGS + _QUANT_TENSORS:
+        if given[name] not in (None, False):
+            raise ValueError(f"{fn}: {name} was given, but only unquantized experts are supported")
+    if quant_config is not None:
+        if getattr(quant_config, "quant_dtype", None) is not None or any(
+                getattr(quant_config, f, False) for f in _QUANT_FLAGS):
+            raise ValueError(f"{fn}: quant_config describes quantized experts; only unquantized ones are supported")
+        w1_bias = w1_bias if w1_bias is not None else getattr(quant_config, "w1_bias", None)
+        w2_bias = w2_bias if w2_bias is not None else getattr(quant_config, "w2_bias", None)
+    kind, gated, interleaved = _activation(fn, activation)
+    _checks.check_tensor(fn, "w1", w1, ndim=3, layout="[E, 2I, H]")
+    n_global = expert_map.shape[0] if expert_map is not None else w1.shape[0]
+    if global_num_experts not in (-1, n_global):
+        raise ValueError(f"{fn}: global_num_experts={global_num_experts} but "
+                         f"{'expert_map' if expert_map is not None else 'w1'} has {n_global} experts")
+    if interleaved:
+        w1 = _deinterleave(w1)
+        w1_bias = _deinterleave(w1_bias) if w1_bias is not None else None
+    out = fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, activation=kind, gated=gated, w13_bias=w1_bias,
+                    w2_bias=w2_bias, apply_router_weight_on_input=apply_router_weight_on_input,
+                    expert_map=expert_map, backend=backend)
+    if inplace:
+        return hidden_states.copy_(out)
+    return out
+
+
+def fused_topk(
+    hidden_states: torch.Tensor,
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool,
+    indices_type: torch.dtype | None = None,
+    scoring_func: str = "softmax",
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vLLM's ``fused_topk``: ``(topk_weights [T, k] fp32, topk_ids [T, k] int32, token_expert_indices [T, k] int32)``.
+
+    Scores are ``softmax`` (or ``sigmoid``) of ``gating_output [T, E]`` in fp32; ``renormalize`` makes each
+    token's k weights sum to 1. ``indices_type`` sets the dtype of ``topk_ids``. ``hidden_states [T, H]`` is only
+    checked for its number of tokens, as in vLLM. Example::
+
+        >>> w, ids, _ = fused_topk(x, torch.randn(x.shape[0], 8), 2, renormalize=True)
+    """
+    fn = "fused_topk"
+    _checks.check_tensor(fn, "hidden_states", hidden_states, ndim=2, layout="[T, H]")
+    _checks.check_tensor(fn, "gating_output", gating_output, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
+    T = hidden_states.shape[0]
+    if gating_output.shape[0] != T:
+        raise ValueError(f"{fn}: gating_output has {gating_output.shape[0]} tokens, hidden_states {T}")
+    weights, ids = topk_gating(gating_output.float(), topk, scoring=scoring_func, renormalize=renormalize,
+                               backend=backend)
+    if indices_type is not None:
+        ids = ids.to(indices_type)
+    slots = torch.arange(topk, dtype=torch.int32, device=ids.device)
+    token_expert_indices = slots[None, :] * T + torch.arange(T, dtype=torch.int32, device=ids.device)[:, None]
+    return weights, ids, token_expert_indices
