@@ -17,4 +17,24 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits, co
                                                     int64_t top_k, const std::string& scoring, bool renormalize,
                                                     int64_t num_groups, int64_t topk_groups, double scaling_factor);
 
+// topk_ids [T, k] int32/int64 -> (sorted_slots [P], expert_offsets [E+1], tokens_per_expert [E], slot_to_row [T*k]),
+// all int32, P = T*k + E*(block_size-1); E <= 1024. As moe_kernels.reference.plan_routing, with no host sync.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_routing_cuda(const at::Tensor& topk_ids,
+                                                                             int64_t num_experts, int64_t block_size,
+                                                                             std::optional<int64_t> capacity,
+                                                                             const std::optional<at::Tensor>& expert_map);
+
+// x [T, H] fp32/fp16/bf16 -> [P, H]: row r = w[slot] * x[slot / k] for slot = sorted_slots[r], zero for -1.
+// slot_to_row is unused (the signature matches unpermute's); row_weights [T, k] (any float dtype) or none.
+at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& sorted_slots, const at::Tensor& slot_to_row,
+                        int64_t top_k, const std::optional<at::Tensor>& row_weights);
+
+// y_sorted [P, N] -> [T, N]: y[t] = sum_j w[t, j] * y_sorted[slot_to_row[t*k + j]] over kept slots, fp32, j ascending.
+at::Tensor unpermute_cuda(const at::Tensor& y_sorted, const at::Tensor& sorted_slots, const at::Tensor& slot_to_row,
+                          int64_t top_k, const std::optional<at::Tensor>& topk_weights);
+
+// rows [P, N], per_token [T, N] -> [T, k] fp32: <rows[slot_to_row[t*k + j]], per_token[t]>, 0 for dropped slots.
+at::Tensor slot_dots_cuda(const at::Tensor& rows, const at::Tensor& slot_to_row, const at::Tensor& per_token,
+                          int64_t top_k);
+
 }  // namespace moe_kernels

@@ -13,11 +13,28 @@ TORCH_LIBRARY_FRAGMENT(moe_kernels, m) {
   m.def(
       "topk_gating_cuda(Tensor logits, Tensor? correction_bias, int top_k, str scoring, bool renormalize, "
       "int num_groups, int topk_groups, float scaling_factor) -> (Tensor, Tensor)");
+  // Routing plan, a stable counting sort by expert (E <= 1024, no host sync): topk_ids [T, k] int32/int64 ->
+  // (sorted_slots [P], expert_offsets [E+1], tokens_per_expert [E], slot_to_row [T*k]), all int32.
+  m.def(
+      "plan_routing_cuda(Tensor topk_ids, int num_experts, int block_size, int? capacity, Tensor? expert_map) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  // Gather into expert order: x [T, H] -> [P, H], row r = w[slot] * x[slot // k] (zero for padding).
+  m.def("permute_cuda(Tensor x, Tensor sorted_slots, Tensor slot_to_row, int top_k, Tensor? row_weights) -> Tensor");
+  // Weighted combine back to token order: y_sorted [P, N] -> [T, N], fp32 accumulation, j ascending.
+  m.def(
+      "unpermute_cuda(Tensor y_sorted, Tensor sorted_slots, Tensor slot_to_row, int top_k, Tensor? topk_weights) -> "
+      "Tensor");
+  // Routing-weight gradient: [T, k] fp32 dot products of each kept slot's row with its token's row.
+  m.def("slot_dots_cuda(Tensor rows, Tensor slot_to_row, Tensor per_token, int top_k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
   m.impl("expert_counts_cuda", &moe_kernels::expert_counts_cuda);
   m.impl("topk_gating_cuda", &moe_kernels::topk_gating_cuda);
+  m.impl("plan_routing_cuda", &moe_kernels::plan_routing_cuda);
+  m.impl("permute_cuda", &moe_kernels::permute_cuda);
+  m.impl("unpermute_cuda", &moe_kernels::unpermute_cuda);
+  m.impl("slot_dots_cuda", &moe_kernels::slot_dots_cuda);
 }
 
 // Importing moe_kernels._C registers the ops above; the module itself is empty.

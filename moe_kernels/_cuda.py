@@ -56,3 +56,48 @@ if _C is not None:
     def _topk_gating_cuda(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling, with_stats):
         w, ids = _GATING(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling)
         return w, ids, ids.new_empty(0), w.new_empty(0)
+
+    # ----- routing plan, permute, unpermute, slot dots -----------------------------------------------
+
+    @torch.library.register_fake("moe_kernels::plan_routing_cuda")
+    def _(topk_ids, num_experts, block_size, capacity, expert_map):
+        S = topk_ids.shape[0] * topk_ids.shape[1]
+        i32 = dict(dtype=torch.int32)
+        return (
+            topk_ids.new_empty(S + num_experts * (block_size - 1), **i32),
+            topk_ids.new_empty(num_experts + 1, **i32),
+            topk_ids.new_empty(num_experts, **i32),
+            topk_ids.new_empty(S, **i32),
+        )
+
+    @torch.library.register_fake("moe_kernels::permute_cuda")
+    def _(x, sorted_slots, slot_to_row, top_k, row_weights):
+        return x.new_empty(sorted_slots.shape[0], x.shape[1])
+
+    @torch.library.register_fake("moe_kernels::unpermute_cuda")
+    def _(y_sorted, sorted_slots, slot_to_row, top_k, topk_weights):
+        return y_sorted.new_empty(slot_to_row.shape[0] // top_k, y_sorted.shape[1])
+
+    @torch.library.register_fake("moe_kernels::slot_dots_cuda")
+    def _(rows, slot_to_row, per_token, top_k):
+        return rows.new_empty(slot_to_row.shape[0] // top_k, top_k, dtype=torch.float32)
+
+    _PERMUTE = torch.ops.moe_kernels.permute_cuda.default
+    _UNPERMUTE = torch.ops.moe_kernels.unpermute_cuda.default
+    _pbwd, _ubwd, _setup = ops.route_autograd(_PERMUTE, _UNPERMUTE, torch.ops.moe_kernels.slot_dots_cuda.default)
+    torch.library.register_autograd("moe_kernels::permute_cuda", _pbwd, setup_context=_setup)
+    torch.library.register_autograd("moe_kernels::unpermute_cuda", _ubwd, setup_context=_setup)
+
+    def _route_supports(data, *args, **kwargs):
+        if data.dtype == torch.float64:
+            return "float64 inputs are served by the torch backend only"
+        return None
+
+    def _plan_supports(topk_ids, num_experts, *args, **kwargs):
+        if num_experts > 1024:
+            return f"the cuda plan kernel serves E <= 1024, got {num_experts}"
+        return None
+
+    _backends.register("permute", "cuda", _route_supports)(_PERMUTE)
+    _backends.register("unpermute", "cuda", _route_supports)(_UNPERMUTE)
+    _backends.register("plan_routing", "cuda", _plan_supports)(torch.ops.moe_kernels.plan_routing_cuda.default)
