@@ -8,7 +8,9 @@ Public API (every function takes ``backend="auto" | "torch" | "triton" | "cuda"`
 - :func:`grouped_gemm` - every expert's rows times its own weight in one call
 - :func:`fused_moe` - the experts of an MoE layer in one call
 - :class:`MoE` - router + experts + shared experts + auxiliary losses as an nn.Module
+- :func:`lora_moe`, :class:`LoRAMoE`, :func:`wrap_linear` - a mixture of LoRA experts on a frozen linear layer
 - :func:`load_balancing_loss`, :func:`router_z_loss`, :func:`routing_stats`, :func:`update_correction_bias`
+- :class:`ExpertParallel` - expert parallelism: dispatch rows to the ranks owning their experts and combine back
 - :func:`backends` - which backends can run here, and why not
 """
 
@@ -25,8 +27,10 @@ from .gating import (
     update_correction_bias,
 )
 from . import _cuda, _triton  # noqa: F401  (optional backends)
+from .distributed import EPHandle, ExpertParallel
 from .gemm import grouped_gemm
 from .layer import MoE
+from .lora import LoRAMoE, lora_moe, wrap_linear
 from .moe import fused_moe
 from .routing import RoutingPlan, expert_choice_plan, permute, plan_routing, unpermute
 
@@ -34,7 +38,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendInfo",
+    "EPHandle",
+    "ExpertParallel",
     "GatingStats",
+    "LoRAMoE",
     "MoE",
     "RoutingPlan",
     "RoutingStats",
@@ -45,6 +52,7 @@ __all__ = [
     "fused_moe",
     "grouped_gemm",
     "load_balancing_loss",
+    "lora_moe",
     "permute",
     "plan_routing",
     "router_z_loss",
@@ -52,4 +60,5 @@ __all__ = [
     "topk_gating",
     "unpermute",
     "update_correction_bias",
+    "wrap_linear",
 ]

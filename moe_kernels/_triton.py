@@ -190,3 +190,24 @@ if _gating is not None:
         return _no_fp64(hidden) or (f"the triton plan kernel serves E <= 2047, got {w13.shape[0]}" if w13.shape[0] > 2047 else None)
 
     _backends.register("fused_moe", "triton", _moe_supports)(torch.ops.moe_kernels.fused_moe_triton.default)
+
+    from . import lora as _lora
+    from .triton_kernels import lora as _lora_kernels
+
+    @triton_op("moe_kernels::lora_moe_triton", mutates_args=())
+    def lora_moe_triton(x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                        topk_weights: Tensor, topk_ids: Tensor, scaling: float) -> Tensor:
+        """Shrink (gather through the plan) -> expand (weighted, scattered to slots) -> fixed-order sum into x @ W0.T."""
+        return _lora_kernels.lora_moe(x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk_ids, scaling,
+                                      launch=wrap_triton, empty=_empty)
+
+    @triton_op("moe_kernels::lora_moe_backward_triton", mutates_args=())
+    def lora_moe_backward_triton(grad: Tensor, x: Tensor, base_weight: Tensor, base_bias: Optional[Tensor], lora_a: Tensor,
+                                 lora_b: Tensor, topk_weights: Tensor, topk_ids: Tensor, scaling: float,
+                                 needs: List[bool]) -> List[Tensor]:
+        return _lora_kernels.lora_moe_backward(grad, x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk_ids,
+                                               scaling, needs, launch=wrap_triton, empty=_empty)
+
+    _bwd, _setup = _lora.lora_autograd(lora_moe_backward_triton)
+    lora_moe_triton.register_autograd(_bwd, setup_context=_setup)
+    _backends.register("lora_moe", "triton", _lora_kernels.supports)(torch.ops.moe_kernels.lora_moe_triton.default)

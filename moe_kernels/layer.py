@@ -48,6 +48,12 @@ class MoE(nn.Module):
     tokens (Zhou et al., 2022; ``capacity_factor`` defaults to 1, so tokens get k experts on average);
     the load-balancing loss does not apply there (the load is even by construction).
 
+    ``ep_group`` (a process group, or an :class:`~moe_kernels.distributed.ExpertParallel` for options such as
+    ``capacity``) shards the experts: ``w13``, ``w2`` (and biases) hold this rank's ``E/world`` experts only, each
+    rank passes its own tokens, and outputs and gradients equal the unsharded layer's on all ranks' tokens. The
+    router and shared experts stay replicated (all-reduce their gradients, as DDP does); ``aux_loss`` and
+    ``last_stats`` cover this rank's tokens. Top-k routing without ``capacity_factor`` only.
+
     Example::
 
         >>> moe = MoE(64, 128, num_experts=8, top_k=2)
@@ -80,6 +86,7 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str = "auto",
+        ep_group=None,
     ):
         super().__init__()
         fn = "MoE"
@@ -104,13 +111,22 @@ class MoE(nn.Module):
         self.capacity_factor, self.aux_loss_coef, self.z_loss_coef = capacity_factor, aux_loss_coef, z_loss_coef
         self.routing = routing
         self.backend = backend
+        if ep_group is not None and (routing != "topk" or capacity_factor is not None):
+            raise ValueError(f"{fn}: ep_group supports routing='topk' without capacity_factor, got routing={routing!r}, "
+                             f"capacity_factor={capacity_factor}")
+        self.ep = None
+        if ep_group is not None:
+            from .distributed import ExpertParallel
+
+            self.ep = ExpertParallel.of(ep_group, num_experts)
+        local = num_experts if self.ep is None else self.ep.num_local_experts  # experts held by this rank
 
         self.router = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
         rows = 2 * intermediate_size if gated else intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, rows, hidden_size, **factory))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
-        self.b13 = nn.Parameter(torch.empty(num_experts, rows, **factory)) if expert_bias else None
-        self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size, **factory)) if expert_bias else None
+        self.w13 = nn.Parameter(torch.empty(local, rows, hidden_size, **factory))
+        self.w2 = nn.Parameter(torch.empty(local, hidden_size, intermediate_size, **factory))
+        self.b13 = nn.Parameter(torch.empty(local, rows, **factory)) if expert_bias else None
+        self.b2 = nn.Parameter(torch.empty(local, hidden_size, **factory)) if expert_bias else None
         if correction_bias:
             self.register_buffer("correction_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
         else:
@@ -173,7 +189,8 @@ class MoE(nn.Module):
             out, load = self._expert_choice(x, logits)
         else:
             logits, weights, ids, stats = self.route(x)
-            out = fused_moe(
+            run = fused_moe if self.ep is None else self.ep.experts
+            out = run(
                 x, self.w13, self.w2, weights, ids, activation=self.activation, gated=self.gated,
                 w13_bias=self.b13, w2_bias=self.b2, capacity=self._capacity(x.shape[0], None), backend=self.backend,
             )
