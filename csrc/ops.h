@@ -37,4 +37,12 @@ at::Tensor unpermute_cuda(const at::Tensor& y_sorted, const at::Tensor& sorted_s
 at::Tensor slot_dots_cuda(const at::Tensor& rows, const at::Tensor& slot_to_row, const at::Tensor& per_token,
                           int64_t top_k);
 
+// Small-batch (decode) grouped GEMM, every weight element read once: x [rows, K], w [E, N(*2 if gated), K]
+// (K contiguous) -> [P, N] in expert order, or [scatter_slots, N] in slot order. Flags as the Triton kernel.
+at::Tensor grouped_gemm_small_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets,
+                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& sorted_slots,
+                                   int64_t gather_top_k, const std::string& activation, bool gated,
+                                   const std::optional<at::Tensor>& row_weights, bool scale_input,
+                                   int64_t scatter_slots);
+
 }  // namespace moe_kernels

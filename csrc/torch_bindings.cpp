@@ -26,6 +26,12 @@ TORCH_LIBRARY_FRAGMENT(moe_kernels, m) {
       "Tensor");
   // Routing-weight gradient: [T, k] fp32 dot products of each kept slot's row with its token's row.
   m.def("slot_dots_cuda(Tensor rows, Tensor slot_to_row, Tensor per_token, int top_k) -> Tensor");
+  // Decode grouped GEMM: each expert's weight streamed once against its (few) rows. gather_top_k > 0 reads
+  // row r from x[sorted_slots[r] / k]; gated writes act(gate) * up; row_weights scale the input rows
+  // (scale_input) or the outputs; scatter_slots > 0 writes row r at its slot.
+  m.def(
+      "grouped_gemm_small_cuda(Tensor x, Tensor w, Tensor expert_offsets, Tensor? bias, Tensor? sorted_slots, "
+      "int gather_top_k, str activation, bool gated, Tensor? row_weights, bool scale_input, int scatter_slots) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
@@ -35,6 +41,7 @@ TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
   m.impl("permute_cuda", &moe_kernels::permute_cuda);
   m.impl("unpermute_cuda", &moe_kernels::unpermute_cuda);
   m.impl("slot_dots_cuda", &moe_kernels::slot_dots_cuda);
+  m.impl("grouped_gemm_small_cuda", &moe_kernels::grouped_gemm_small_cuda);
 }
 
 // Importing moe_kernels._C registers the ops above; the module itself is empty.

@@ -101,3 +101,43 @@ if _C is not None:
     _backends.register("permute", "cuda", _route_supports)(_PERMUTE)
     _backends.register("unpermute", "cuda", _route_supports)(_UNPERMUTE)
     _backends.register("plan_routing", "cuda", _plan_supports)(torch.ops.moe_kernels.plan_routing_cuda.default)
+
+    @torch.library.register_fake("moe_kernels::grouped_gemm_small_cuda")
+    def _(x, w, expert_offsets, bias, sorted_slots, gather_top_k, activation, gated, row_weights, scale_input,
+          scatter_slots):
+        rows = scatter_slots if scatter_slots > 0 else (sorted_slots.shape[0] if sorted_slots is not None else x.shape[0])
+        return x.new_empty(rows, w.shape[1] // 2 if gated else w.shape[1])
+
+    _SMALL = torch.ops.moe_kernels.grouped_gemm_small_cuda.default
+    _PLAN = torch.ops.moe_kernels.plan_routing_cuda.default
+    DECODE_ROWS_PER_EXPERT = 4  # above this the tensor-core GEMM (triton) wins
+
+    def _decode_supports(hidden, w13, w2, *args, **kwargs):
+        """The decode path: inference, few rows per expert, K-contiguous weights."""
+        if hidden.dtype == torch.float64:
+            return "float64 inputs are served by the torch backend only"
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, w13, w2) + args):
+            return "the cuda decode path is inference-only (training runs the triton or torch backend)"
+        E, k = w13.shape[0], args[1].shape[1]
+        if E > 1024:
+            return f"the cuda plan kernel serves E <= 1024, got {E}"
+        if hidden.shape[0] * k > DECODE_ROWS_PER_EXPERT * E:
+            return f"more than {DECODE_ROWS_PER_EXPERT} rows per expert on average: not a decode batch"
+        vec = 16 // hidden.element_size()
+        if hidden.shape[1] % vec or w2.shape[2] % vec or w13.stride(2) != 1 or w2.stride(2) != 1:
+            return f"the decode kernel needs H and I multiples of {vec} and K-contiguous weights"
+        return None
+
+    @_backends.register("fused_moe", "cuda", _decode_supports)
+    def _fused_moe_decode(hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
+                          apply_router_weight_on_input, capacity, expert_map):
+        """plan -> small GEMM (gather, activation) -> small GEMM (weights, scatter to slots) -> sum over k."""
+        k, on_input = topk_ids.shape[1], apply_router_weight_on_input
+        slots, offsets, _, slot_to_row = _PLAN(topk_ids, w13.shape[0], 1, capacity, expert_map)
+        w_flat = topk_weights.reshape(-1).float().contiguous()
+        h = _SMALL(hidden.contiguous(), w13, offsets, w13_bias, slots, k, activation, gated,
+                   w_flat if on_input else None, True, 0)  # [P, I]
+        y_slots = _SMALL(h, w2, offsets, w2_bias, slots, 0, "none", False, None if on_input else w_flat, False,
+                         slot_to_row.shape[0])  # [T*k, H] in token order
+        kept = torch.where(slot_to_row >= 0, torch.arange(slot_to_row.shape[0], device=hidden.device), -1)
+        return _UNPERMUTE(y_slots, slots, kept.to(torch.int32), k, None)

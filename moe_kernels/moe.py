@@ -82,6 +82,7 @@ def fused_moe(
     _checks.check_same_device(fn, hidden=hidden, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
                               w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
     _checks.check_ids_in_range(fn, "topk_ids", topk_ids, n_ids)
-    impl = _backends.select(fn, backend, hidden.device, hidden, w13, w2, activation=activation)
+    impl = _backends.select(fn, backend, hidden.device, hidden, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
+                            activation=activation)
     return impl(hidden, w13, w2, topk_weights, topk_ids, activation, bool(gated), w13_bias, w2_bias,
                 bool(apply_router_weight_on_input), capacity, expert_map)

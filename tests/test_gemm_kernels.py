@@ -102,6 +102,9 @@ def test_fused_moe_kernel(backend, dtype, T, H, I, E, k, activation, gated, bias
     if activation == "swiglu_oai":
         x = x * 4
     ids.view(-1)[::7] = -1  # dropped slots
+    why = mk._backends.not_supported_reasons("fused_moe", x.device, x, w13, w2, w, ids, b13, b2).get(backend)
+    if why:
+        pytest.skip(why)  # e.g. the cuda decode path refuses batches with many rows per expert
     out = mk.fused_moe(x, w13, w2, w, ids, activation=activation, gated=gated, w13_bias=b13, w2_bias=b2,
                        apply_router_weight_on_input=on_input, capacity=capacity, backend=backend)
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
@@ -111,11 +114,32 @@ def test_fused_moe_kernel(backend, dtype, T, H, I, E, k, activation, gated, bias
     assert_close("out", out, expected, rms_tol=2 * tolerance(dtype))
 
 
+@pytest.mark.skipif("cuda" not in FAST, reason="needs the CUDA extension and a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T,E,k,activation,gated,bias,on_input", [
+    (1, 8, 2, "silu", True, False, False), (4, 64, 8, "silu", True, True, False), (3, 32, 4, "swiglu_oai", True, True, False),
+    (2, 8, 1, "relu", False, False, True), (16, 128, 8, "gelu", True, False, False)])
+def test_fused_moe_cuda_decode(dtype, T, E, k, activation, gated, bias, on_input):
+    """The small-batch decode path: every expert's weight read once, against its few rows."""
+    x, w13, w2, w, ids, b13, b2 = moe_inputs(T, 256, 128, E, k, dtype, gated, bias)
+    with torch.no_grad():
+        out = mk.fused_moe(x, w13, w2, w, ids, activation=activation, gated=gated, w13_bias=b13, w2_bias=b2,
+                           apply_router_weight_on_input=on_input, backend="cuda")
+        auto = mk.fused_moe(x, w13, w2, w, ids, activation=activation, gated=gated, w13_bias=b13, w2_bias=b2,
+                            apply_router_weight_on_input=on_input)
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    expected = naive.moe(cpu(x), cpu(w13), cpu(w2), cpu(w), cpu(ids), activation, gated, cpu(b13), cpu(b2), on_input=on_input)
+    assert_close("decode out", out, expected, rms_tol=2 * tolerance(dtype))
+    assert torch.equal(out, auto), "auto picks the decode path for a decode batch"
+
+
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("activation,gated,on_input,bias", [("silu", True, False, True), ("swiglu_oai", True, True, False),
                                                             ("gelu", False, False, True)])
 def test_fused_moe_kernel_backward(backend, activation, gated, on_input, bias):
     need(backend, "fused_moe")
+    if backend == "cuda":
+        pytest.skip("the cuda fused_moe path is inference-only")
     x, w13, w2, w, ids, b13, b2 = moe_inputs(21, 32, 24, 6, 2, torch.float32, gated, bias)
     ids[0, 1] = -1
     g = torch.randn_like(x)
