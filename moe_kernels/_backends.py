@@ -40,6 +40,10 @@ def _triton_status() -> tuple[bool, str]:
         import triton  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the environment
         return False, f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    from . import _triton
+
+    if _triton.IMPORT_ERROR is not None:
+        return False, f"the Triton kernels failed to load ({_triton.IMPORT_ERROR})"
     if interpreter_mode():
         return True, f"interpreter mode (TRITON_INTERPRET=1): kernels run on CPU tensors, slowly; triton {triton.__version__}"
     if not torch.cuda.is_available():

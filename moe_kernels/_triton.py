@@ -26,8 +26,10 @@ try:
     from .triton_kernels import grouped_gemm as _gg
     from .triton_kernels import permute as _permute
     from .triton_kernels import plan as _plan
-except Exception:  # triton missing or broken: the backend reports why
+    IMPORT_ERROR = None
+except Exception as exc:  # triton missing or broken: the backend reports why
     _gating = None
+    IMPORT_ERROR = f"{exc.__class__.__name__}: {exc}"
 
 
 def _empty(shape, dtype, device):

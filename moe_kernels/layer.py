@@ -212,6 +212,14 @@ class MoE(nn.Module):
         self.aux_loss = aux
         return out.reshape(shape)
 
+    @staticmethod
+    def from_hf(block, *, backend: str = "auto"):
+        """A module running our kernels on the parameters of a Hugging Face transformers MoE block
+        (no copy); see :func:`moe_kernels.integrations.transformers.from_hf`."""
+        from .integrations.transformers import from_hf
+
+        return from_hf(block, backend=backend)
+
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, num_experts={self.num_experts}, "
                 f"top_k={self.top_k}, scoring={self.scoring}, activation={self.activation}, backend={self.backend}")

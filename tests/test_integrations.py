@@ -219,6 +219,7 @@ def test_from_hf_low_precision(family):
         model = model.to(dtype)
         block = next(m for m in model.modules() if type(m).__name__ in HF_BLOCKS)
         ours = from_hf(block, backend="torch")
+        assert type(mk.MoE.from_hf(block)) is type(ours)  # the alias on the layer class
         x = torch.randn(4, 3, model.config.hidden_size, dtype=dtype)
         a, b = ours(x), block(x)
         a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
