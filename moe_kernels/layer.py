@@ -170,7 +170,7 @@ class MoE(nn.Module):
         """Routed output and per-expert load when every expert picks its best tokens."""
         weights, tokens = expert_choice_gating(logits, self._capacity(x.shape[0], 1.0), scoring=self.scoring,
                                                backend=self.backend)
-        plan, slot_weights = expert_choice_plan(tokens, weights, x.shape[0], backend=self.backend)
+        plan, slot_weights = expert_choice_plan(tokens, weights, x.shape[0])  # index bookkeeping: any backend
         h = grouped_gemm(permute(x, plan, backend=self.backend), self.w13, plan, bias=self.b13, backend=self.backend)
         a = torch.ops.moe_kernels.activation(h, self.activation, self.gated)
         y = grouped_gemm(a, self.w2, plan, bias=self.b2, backend=self.backend)
