@@ -29,7 +29,7 @@ def naive_expert_choice(logits, capacity, scoring):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("T,E,C", [(0, 4, 2), (1, 1, 1), (9, 4, 3), (37, 8, 10), (5, 3, 8), (64, 60, 5), (100, 16, 64)])
+@pytest.mark.parametrize("T,E,C", [(0, 4, 2), (1, 1, 1), (9, 4, 3), (37, 8, 10), (5, 3, 8), (20, 60, 5), (70, 6, 64)])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_expert_choice_gating_matches_naive(backend, T, E, C, scoring):
     logits = torch.randn(T, E, device=DEV) * 2
