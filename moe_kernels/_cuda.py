@@ -59,24 +59,9 @@ if _C is not None:
 
     # ----- routing plan, permute, unpermute, slot dots -----------------------------------------------
 
-    @torch.library.register_fake("moe_kernels::plan_routing_cuda")
-    def _(topk_ids, num_experts, block_size, capacity, expert_map):
-        S = topk_ids.shape[0] * topk_ids.shape[1]
-        i32 = dict(dtype=torch.int32)
-        return (
-            topk_ids.new_empty(S + num_experts * (block_size - 1), **i32),
-            topk_ids.new_empty(num_experts + 1, **i32),
-            topk_ids.new_empty(num_experts, **i32),
-            topk_ids.new_empty(S, **i32),
-        )
-
-    @torch.library.register_fake("moe_kernels::permute_cuda")
-    def _(x, sorted_slots, slot_to_row, top_k, row_weights):
-        return x.new_empty(sorted_slots.shape[0], x.shape[1])
-
-    @torch.library.register_fake("moe_kernels::unpermute_cuda")
-    def _(y_sorted, sorted_slots, slot_to_row, top_k, topk_weights):
-        return y_sorted.new_empty(slot_to_row.shape[0] // top_k, y_sorted.shape[1])
+    torch.library.register_fake("moe_kernels::plan_routing_cuda")(ops.plan_fake)
+    torch.library.register_fake("moe_kernels::permute_cuda")(ops.permute_fake)
+    torch.library.register_fake("moe_kernels::unpermute_cuda")(ops.unpermute_fake)
 
     @torch.library.register_fake("moe_kernels::slot_dots_cuda")
     def _(rows, slot_to_row, per_token, top_k):

@@ -162,7 +162,7 @@ def plan_routing(
 
 
 @plan_routing.register_fake
-def _(topk_ids, num_experts, block_size, capacity, expert_map):
+def plan_fake(topk_ids, num_experts, block_size, capacity, expert_map):
     S = topk_ids.shape[0] * topk_ids.shape[1]
     i32 = dict(dtype=torch.int32)
     return (
@@ -179,7 +179,7 @@ def permute(x: Tensor, sorted_slots: Tensor, slot_to_row: Tensor, top_k: int, ro
 
 
 @permute.register_fake
-def _(x, sorted_slots, slot_to_row, top_k, row_weights):
+def permute_fake(x, sorted_slots, slot_to_row, top_k, row_weights):
     return x.new_empty(sorted_slots.shape[0], x.shape[1])
 
 
@@ -191,7 +191,7 @@ def unpermute(
 
 
 @unpermute.register_fake
-def _(y_sorted, sorted_slots, slot_to_row, top_k, topk_weights):
+def unpermute_fake(y_sorted, sorted_slots, slot_to_row, top_k, topk_weights):
     return y_sorted.new_empty(slot_to_row.shape[0] // top_k, y_sorted.shape[1])
 
 

@@ -130,12 +130,14 @@ def expert_choice_plan(
     impl = _backends.select(fn, backend, token_ids.device, token_ids)
     slots, offsets, tokens, slot_to_row = impl(token_ids, num_tokens)
     plan = RoutingPlan(slots, offsets, tokens, slot_to_row, num_tokens, E, E, 1)
-    picked = weights.reshape(-1).index_select(0, slot_to_row.clamp(min=0).long()) if weights.numel() else None
-    if picked is None:
-        slot_weights = weights.new_zeros(num_tokens, E)
-    else:
-        slot_weights = torch.where(slot_to_row >= 0, picked, 0.0).view(num_tokens, E)
-    return plan, slot_weights
+    return plan, _gather_or_zero(weights.reshape(-1), slot_to_row).view(num_tokens, E)
+
+
+def _gather_or_zero(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` where ``index >= 0``, else 0; differentiable in ``values``."""
+    if values.numel() == 0:
+        return values.new_zeros(index.shape)
+    return torch.where(index >= 0, values.index_select(0, index.clamp(min=0).long()), 0.0)
 
 
 def _check_plan(fn: str, plan) -> None:
@@ -161,10 +163,7 @@ def permute(x: torch.Tensor, plan: RoutingPlan, *, topk_weights: torch.Tensor | 
     x_sorted = impl(x, plan.sorted_slots, plan.slot_to_row, plan.top_k, None)
     if topk_weights is None:
         return x_sorted
-    slots = plan.sorted_slots
-    picked = topk_weights.reshape(-1).index_select(0, slots.clamp(min=0).long()) if topk_weights.numel() else None
-    row_weights = topk_weights.new_zeros(slots.shape[0]) if picked is None else torch.where(slots >= 0, picked, 0.0)
-    return x_sorted, row_weights
+    return x_sorted, _gather_or_zero(topk_weights.reshape(-1), plan.sorted_slots)
 
 
 def unpermute(
