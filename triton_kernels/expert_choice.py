@@ -16,7 +16,7 @@ from ._utils import identity_launch, next_pow2
 from .gating import NAN_MONO
 
 MAX_CAPACITY = 2048  # the running top-C lives in registers
-KEY_NONE = -(2**63)
+KEY_NONE = tl.constexpr(-(2**63))  # constexpr: read by jit code
 
 
 @triton.jit

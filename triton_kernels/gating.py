@@ -16,9 +16,10 @@ import triton.language as tl
 
 from ._utils import identity_launch, next_pow2
 
-KEY_TAKEN = -(2**63)  # padding columns and experts already chosen
-KEY_EXCLUDED = -(2**63) + 1  # experts of groups that were not chosen
-NAN_MONO = -(2**31) + 1  # high word of a NaN score: below -inf, above the two keys above
+# Globals read by jit code must be constexpr for the compiler (the interpreter would take plain ints).
+KEY_TAKEN = tl.constexpr(-(2**63))  # padding columns and experts already chosen
+KEY_EXCLUDED = tl.constexpr(-(2**63) + 1)  # experts of groups that were not chosen
+NAN_MONO = tl.constexpr(-(2**31) + 1)  # high word of a NaN score: below -inf, above the two keys above
 
 
 @triton.jit
@@ -76,12 +77,12 @@ def topk_gating_kernel(
                 best = best + second
             gscore = tl.where(gidx[None, :] == g, best[:, None], gscore)
         gkey = tl.where((gidx < num_groups)[None, :], _select_key(gscore, gidx[None, :], BLOCK_G), KEY_TAKEN)
-        chosen = gidx[None, :] < 0  # all False, [BT, BG]
+        chosen = tl.zeros([BLOCK_T, BLOCK_G], tl.int32) != 0  # all False; full shape: it is loop-carried
         for _ in range(topk_groups):
             hit = gkey == tl.max(gkey, 1)[:, None]
             chosen = chosen | hit
             gkey = tl.where(hit, KEY_TAKEN, gkey)
-        allowed = cols[None, :] < 0  # all False, [BT, BE]
+        allowed = tl.zeros([BLOCK_T, BLOCK_E], tl.int32) != 0
         for g in range(num_groups):
             g_on = tl.sum(tl.where(chosen & (gidx[None, :] == g), 1, 0), 1) > 0
             allowed = allowed | ((gcol == g)[None, :] & g_on[:, None])
