@@ -77,7 +77,7 @@ setup(
     install_requires=["torch>=2.11", "numpy>=1.24", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3", "transformers>=5.0"],
-        "bench": ["tqdm>=4"],
+        "bench": ["tqdm>=4", "matplotlib>=3.7"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

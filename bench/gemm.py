@@ -1,0 +1,239 @@
+"""The ``gemm`` suite (issue 5): the grouped expert GEMM of both layers of an MoE block, forward and backward
+(dX and dW, each alone), every backend beside ``F.grouped_mm``, a per-expert loop of ``torch.matmul`` and the
+torch reference.
+
+Ops, with S = T*k rows grouped by expert (a :class:`RoutingPlan` of k distinct random experts per token):
+
+- ``gate_up.fwd``: ``[S, H] x [E, 2I, H] -> [S, 2I]`` (``I`` when not gated); ``down.fwd``: ``[S, I] x [E, H, I] -> [S, H]``;
+- ``*.dX``: the input gradient alone, ``*.dW``: the weight gradient alone, each through autograd
+  (``torch.autograd.grad`` on a retained forward graph, so only the backward runs).
+
+Models: Mixtral-8x7B, DeepSeek-V3, Qwen3-30B-A3B, Qwen3-235B, gpt-oss-120b from models.json (no biases
+here; gpt-oss's expert biases run in the ``moe`` suite). Tokens 1, 8, 64, 512, 4096, 16384 in bf16 on GPU;
+on CPU H and I are scaled down hard (about 2M expert parameters per model), fp32, tokens 1 and 64.
+
+Columns: FLOPs ``2 S N K`` for every op; bytes: rows in and out plus the weights of the experts that have
+rows (dW: the whole ``[E, N, K]`` gradient written). ``dense %``: TFLOP/s over the measured dense matmul
+rate. For decode (T <= 64): ``w GB/s``, the weight bytes that must be read (experts with rows; dW: the
+gradient written) over the time, and ``w copy %``, that against the measured copy bandwidth.
+Goals on an H200, bf16 (``goal`` column, GPU, non-reference backends): prefill (T >= 4096) forward
+>= 75% of dense and >= 1.0x grouped_mm; decode (T <= 64) forward >= 80% of copy on the weight bytes;
+dX and dW at T >= 4096 >= 65% of dense.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import moe_kernels as mk
+
+from .common import goal, interpreted, measure, suite_backends
+from .harness import MAIN_RATIOS, Case, Progress, fill_ratios, measure_ceilings, sig
+from .shapes import Shape, load_models, make_shape
+from .suites import grouped_mm_reason
+
+GEMM_MODELS = ("mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "qwen3-235b-a22b", "gpt-oss-120b")
+QUICK_MODELS = ("mixtral-8x7b", "deepseek-v3", "gpt-oss-120b")
+TOKENS = {("cuda", False): (1, 8, 64, 512, 4096, 16384), ("cuda", True): (1, 64, 4096),
+          ("cpu", False): (1, 64), ("cpu", True): (1, 64)}
+LAYERS = ("gate_up", "down")
+PASSES = ("fwd", "dX", "dW")
+OPS = tuple(f"{layer}.{p}" for layer in LAYERS for p in PASSES)
+DECODE_MAX_T, PREFILL_MIN_T = 64, 4096
+GOALS = {"prefill_dense": 0.75, "prefill_vs_grouped_mm": 1.0, "decode_copy": 0.80, "bwd_dense": 0.65}
+INTERP_MAX_T = 1  # triton rows in the interpreter: only at T = 1
+TABLE = {"ratios": MAIN_RATIOS, "err_note": None,
+         "extra": (("err", "err_vs_ref", ".1e", ""), ("dense", "dense_pct", ".1f", "%"), ("w GB/s", "w_gbps", ".4g", ""),
+                   ("w copy", "w_copy_pct", ".1f", "%"), ("goal", "goal", "s", ""))}
+
+
+def select_gemm(models: list[str] | None, device: str, quick: bool,
+                tokens: list[int] | None) -> tuple[list[Shape], str, list[str]]:
+    """The shapes of one run (CPU: scaled down hard), the source of the configs and run notes."""
+    table, source = load_models()
+    notes = []
+    if models:
+        unknown = [m for m in models if m not in table]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(table)}")
+        names = models
+    else:
+        want = QUICK_MODELS if quick else GEMM_MODELS
+        names = [m for m in want if m in table]
+        if len(names) < len(want):
+            notes.append(f"not in {source}, left out: {', '.join(m for m in want if m not in table)}")
+    # CPU: the quick parameter budget (about 2M expert parameters) whatever --quick says
+    shapes = [make_shape(n, table[n], device, True, T) for n in names for T in (tokens or TOKENS[(device, quick)])]
+    if device == "cpu":
+        notes.append("CPU: H and I scaled down to about 2M expert parameters per model, fp32")
+    return shapes, source, notes
+
+
+# ----- baselines -------------------------------------------------------------------------------------
+
+
+def loop_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per-expert ``torch.matmul`` over the segments (rows of every segment; a host sync for the bounds)."""
+    bounds = offsets.tolist()
+    ws = w.unbind(0)  # one stacked weight gradient instead of E full-size ones
+    parts = [torch.matmul(xs[bounds[e]:bounds[e + 1]], ws[e].T) for e in range(w.shape[0])]
+    return torch.cat(parts) if parts else xs.new_zeros(0, w.shape[1])
+
+
+def grouped_mm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(xs, w.transpose(1, 2), offs=offsets[1:])
+
+
+# ----- inputs and cases ------------------------------------------------------------------------------
+
+
+class Inputs:
+    """The plan of T tokens, and per layer: rows [S, K], weight [E, N, K] and the output gradient [S, N]."""
+
+    def __init__(self, s: Shape, device: str):
+        torch.manual_seed(0)
+        self.s = s
+        ids = torch.rand(s.T, s.E, device=device).topk(s.k, dim=1).indices.to(torch.int32)
+        self.plan = mk.plan_routing(ids, s.E, backend="torch")
+        self.offsets = self.plan.expert_offsets
+        self.active = int((self.plan.tokens_per_expert > 0).sum())
+        S = s.T * s.k
+        self.layers = {}
+        for layer, (N, K) in (("gate_up", (s.I2, s.H)), ("down", (s.H, s.I))):
+            x = torch.randn(S, K, device=device).to(s.dtype)
+            w = (torch.randn(s.E, N, K, device=device) / K**0.5).to(s.dtype)
+            self.layers[layer] = (x, w, torch.randn(S, N, device=device).to(s.dtype))
+
+
+class _Grad:
+    """``torch.autograd.grad`` of one leaf through a forward graph built on the first call and kept."""
+
+    def __init__(self, forward, leaf: torch.Tensor, grad: torch.Tensor):
+        self.forward, self.leaf, self.grad, self.y = forward, leaf, grad, None
+
+    def __call__(self):
+        if self.y is None:
+            self.y = self.forward(self.leaf)
+        return torch.autograd.grad(self.y, self.leaf, self.grad, retain_graph=True)[0]
+
+    def release(self) -> None:
+        self.y = None  # the graph and what it saved
+
+
+def costs(s: Shape, op: str, active: int) -> tuple[int, int, int]:
+    """``(flops, bytes, weight bytes)`` of one op (see the module docstring)."""
+    layer, pas = op.split(".")
+    N, K = (s.I2, s.H) if layer == "gate_up" else (s.H, s.I)
+    S, es = s.T * s.k, s.dtype.itemsize
+    w_read = active * N * K * es
+    rows = (S * K + S * N) * es
+    if pas == "dW":
+        return 2 * S * N * K, rows + s.E * N * K * es, s.E * N * K * es
+    return 2 * S * N * K, rows + w_read, w_read
+
+
+def _cases(inp: Inputs, op: str, backends: list[str], device: str) -> list[Case]:
+    """Backend rows (the torch reference first), then ``loop`` and ``grouped_mm``."""
+    s, plan, offs = inp.s, inp.plan, inp.offsets
+    layer, pas = op.split(".")
+    x, w, g = inp.layers[layer]
+    flops, nbytes, _ = costs(s, op, inp.active)
+    gmm_why = grouped_mm_reason(s, device)
+    cases: list[Case] = []
+
+    def run(fwd):
+        """The case function of ``fwd(x, w)`` for this pass."""
+        if pas == "fwd":
+            def call():
+                with torch.no_grad():
+                    return fwd(x, w)
+            return call
+        if pas == "dX":
+            return _Grad(lambda leaf: fwd(leaf, w), x.detach().requires_grad_(), g)
+        return _Grad(lambda leaf: fwd(x, leaf), w.detach().requires_grad_(), g)
+
+    for b in backends:
+        fn, note = run(lambda a, b_, b=b: mk.grouped_gemm(a, b_, plan, backend=b)), ""
+        if interpreted(b, device) and s.T > INTERP_MAX_T:
+            fn, note = None, f"skipped: interpreter rows at T <= {INTERP_MAX_T} only"
+        cases.append(Case(op, s, b, fn, flops, nbytes, (), note))
+    cases.append(Case(op, s, "loop", run(lambda a, b_: loop_gemm(a, b_, offs)), flops, nbytes))
+    if gmm_why:
+        cases.append(Case(op, s, "grouped_mm", None, flops, nbytes, (), f"skipped: {gmm_why}"))
+    else:
+        cases.append(Case(op, s, "grouped_mm", run(lambda a, b_: grouped_mm(a, b_, offs)), flops, nbytes))
+    return cases
+
+
+# ----- the suite -------------------------------------------------------------------------------------
+
+
+def _goal(row: dict, device: str) -> str | None:
+    if device != "cuda" or row["backend"] in ("torch", "loop", "grouped_mm") or not row["median_ms"]:
+        return None
+    pas, T, dense = row["op"].split(".")[1], row["T"], row["dense_pct"] / 100
+    if pas == "fwd" and T >= PREFILL_MIN_T:
+        ratio = row["vs_grouped_mm"]
+        ok = dense >= GOALS["prefill_dense"] and (ratio is None or ratio >= GOALS["prefill_vs_grouped_mm"])
+        vs = f", {ratio:.2f}x grouped_mm vs >= {GOALS['prefill_vs_grouped_mm']:.1f}x" if ratio is not None else ""
+        return goal(ok, f"{100 * dense:.0f}% dense vs >= {100 * GOALS['prefill_dense']:.0f}%{vs}")
+    if pas == "fwd" and T <= DECODE_MAX_T:
+        frac = row["w_copy_pct"] / 100
+        return goal(frac >= GOALS["decode_copy"], f"{100 * frac:.0f}% of copy vs >= {100 * GOALS['decode_copy']:.0f}%")
+    if pas in ("dX", "dW") and T >= PREFILL_MIN_T:
+        return goal(dense >= GOALS["bwd_dense"], f"{100 * dense:.0f}% dense vs >= {100 * GOALS['bwd_dense']:.0f}%")
+    return None
+
+
+def run_gemm(shapes: list[Shape], device: str, quick: bool, notes: list[str]) -> tuple[list[dict], dict]:
+    """Measure every op of every shape; ``(rows, facts)`` for the harness."""
+    backends, more = suite_backends("grouped_gemm", device)
+    notes = notes + more
+    ceilings = measure_ceilings(device)
+    rows: list[dict] = []
+    groups = [(s, op) for s in shapes for op in OPS]
+    progress = Progress(len(groups), "bench gemm")
+    try:
+        inp = None
+        for s, op in groups:
+            if inp is None or inp.s is not s:
+                del inp
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                inp = Inputs(s, device)
+            group, ref = [], None
+            _, _, wbytes = costs(s, op, inp.active)
+            for case in _cases(inp, op, backends, device):
+                fn = case.fn
+                row, out = measure(case, device, quick, ceilings, ref if case.backend != "torch" else None, MAIN_RATIOS)
+                if isinstance(fn, _Grad):
+                    fn.release()
+                ref = out if case.backend == "torch" else ref
+                ms = row["median_ms"]
+                row["active_experts"] = inp.active
+                row["dense_pct"] = sig(100 * row["tflops"] / ceilings["matmul_tflops"], 4) if ms else None
+                decode = ms and s.T <= DECODE_MAX_T
+                row["w_gbps"] = sig(wbytes / (ms / 1e3) / 1e9) if decode else None
+                row["w_copy_pct"] = sig(100 * row["w_gbps"] / ceilings["copy_gbps"], 4) if decode else None
+                group.append(row)
+                del case, out, fn
+            fill_ratios(group, MAIN_RATIOS)
+            for row in group:
+                row["goal"] = _goal(row, device)
+            rows += group
+            del ref
+            progress.update(f"{s.model} T{s.T} {op}")
+    finally:
+        progress.close()
+    if device != "cuda":
+        notes.append("goals (prefill fwd >= 75% dense and >= 1.0x grouped_mm; decode fwd >= 80% of copy on the weight "
+                     "bytes; dX/dW >= 65% dense) are checked on the GPU only")
+    notes.append("err_vs_ref: relative error of the output (fwd), dX or dW against backend=torch; dense = TFLOP/s / "
+                 "dense matmul ceiling; w GB/s, w copy (T <= 64): weight bytes of the experts with rows / time")
+    facts = {
+        "quick": quick, "backends": backends, "ceilings": ceilings, "notes": notes, "goals": GOALS,
+        "backend_status": {n: i.reason for n, i in mk.backends().items()},
+        "shapes": [{"model": s.model, "label": s.label, "cpu_scale": s.scale} for s in shapes],
+    }
+    return rows, facts

@@ -1,0 +1,301 @@
+"""The ``moe`` suite (issue 6): forward and forward+backward of one ``moe_kernels.MoE`` layer on model shapes,
+every backend beside these baselines:
+
+- ``hf_eager`` and ``hf_grouped_mm``: the transformers (>= 5.0) MoE block of the model's family with that
+  experts implementation, built at the benchmark size and holding the layer's own parameters (see
+  ``bench/hf_blocks.py``); skipped with the reason when transformers is missing;
+- ``unfused``: our ops called one after another, each with ``backend="auto"``: router, ``topk_gating``,
+  ``plan_routing``, ``permute``, ``grouped_gemm``, activation, ``grouped_gemm``, ``unpermute`` (+ shared expert).
+
+Models: Mixtral-8x7B, DeepSeek-V3, Qwen3-30B-A3B, gpt-oss-120b; tokens 1, 16, 256, 4096, 16384 in bf16 (GPU);
+CPU: fp32, H and I scaled down (bench/shapes.py), tokens 1, 16, 256. ``err_vs_ref``: relative error against
+backend=torch of the output (fwd) or of the gradients of x, w13 and w2 (fwd+bwd).
+``peak MB`` (GPU): ``torch.cuda.max_memory_allocated`` during one call over what was allocated before it;
+``act MB``: that peak less what the call leaves allocated (its output, or the gradients), i.e. activations
+and workspace. ``w read``: row time over the time to read the weights the batch needs (experts with rows,
+router, shared expert) at the measured copy bandwidth.
+
+Goals on an H200, bf16 (``goal`` column, GPU, non-reference backends): >= 1.3x ``hf_grouped_mm`` at
+>= 4096 tokens, fwd and fwd+bwd; decode (T <= 16) forward within 1.2x of the weight-read time; fwd+bwd
+``act MB`` <= 60% of ``unfused``'s. A PNG plot of time vs tokens per model is written beside the results
+when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import moe_kernels as mk
+
+from . import costs, hf_blocks
+from .common import add_note, goal, interpreted, measure, suite_backends
+from .harness import Case, Progress, fill_ratios, measure_ceilings, output_error, sig
+from .shapes import Shape, load_models, make_shape
+from .suites import route
+
+MOE_MODELS = ("mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "gpt-oss-120b")
+QUICK_MODELS = ("mixtral-8x7b", "deepseek-v3", "gpt-oss-120b")
+TOKENS = {("cuda", False): (1, 16, 256, 4096, 16384), ("cuda", True): (1, 256, 4096),
+          ("cpu", False): (1, 16, 256), ("cpu", True): (1, 256)}
+OPS = ("MoE.fwd", "MoE.fwd+bwd")
+HF_ROWS = {"hf_eager": "eager", "hf_grouped_mm": "grouped_mm"}
+PREFILL_MIN_T, DECODE_MAX_T = 4096, 16
+GOALS = {"vs_hf_grouped_mm": 1.3, "decode_vs_weight_read": 1.2, "act_vs_unfused": 0.6}
+INTERP_MAX_T = 1  # triton rows in the interpreter: only at T = 1
+RATIOS = {"vs_ref": "torch", "vs_hf_gmm": "hf_grouped_mm", "vs_hf_eager": "hf_eager", "vs_unfused": "unfused"}
+TABLE = {"ratios": RATIOS, "err_note": None,
+         "extra": (("TFLOP/s", "tflops", ".3g", ""), ("err", "err_vs_ref", ".1e", ""), ("peak MB", "peak_mb", "", ""),
+                   ("act MB", "act_mb", "", ""),
+                   ("w read", "vs_weight_read", ".2f", "x"), ("goal", "goal", "s", ""))}
+
+
+def select_moe(models: list[str] | None, device: str, quick: bool,
+               tokens: list[int] | None) -> tuple[list[Shape], str, list[str]]:
+    """The shapes of one run (CPU: scaled down), the source of the configs and run notes."""
+    table, source = load_models()
+    notes = []
+    if models:
+        unknown = [m for m in models if m not in table]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(table)}")
+        names = models
+    else:
+        want = QUICK_MODELS if quick else MOE_MODELS
+        names = [m for m in want if m in table]
+        if len(names) < len(want):
+            notes.append(f"not in {source}, left out: {', '.join(m for m in want if m not in table)}")
+    shapes = [make_shape(n, table[n], device, quick, T) for n in names for T in (tokens or TOKENS[(device, quick)])]
+    if device == "cpu":
+        notes.append("CPU: H and I scaled down (see meta.shapes cpu_scale), fp32; peak memory n/a")
+    return shapes, source, notes
+
+
+# ----- the unfused pipeline --------------------------------------------------------------------------
+
+
+def unfused(moe: mk.MoE, x: torch.Tensor) -> torch.Tensor:
+    """The layer as our ops called one by one (backend auto): what ``fused_moe`` fuses, plus router and shared expert."""
+    _, w, ids = route(moe, x, "auto")  # fp32 router + topk_gating
+    plan = mk.plan_routing(ids, moe.num_experts)
+    h = mk.grouped_gemm(mk.permute(x, plan), moe.w13, plan, bias=moe.b13)  # [S, 2I]
+    a = torch.ops.moe_kernels.activation(h, moe.activation, moe.gated)  # [S, I]
+    out = mk.unpermute(mk.grouped_gemm(a, moe.w2, plan, bias=moe.b2), plan, w)  # [T, H]
+    if moe.shared is not None:
+        sh = moe.shared(x)
+        out = out + (torch.sigmoid(moe.shared_gate(x)) * sh if moe.shared_gate is not None else sh)
+    return out
+
+
+# ----- inputs and cases ------------------------------------------------------------------------------
+
+
+class Inputs:
+    """The layer, its input and output gradient, the transformers block (or why not), the weight bytes needed."""
+
+    def __init__(self, s: Shape, device: str):
+        torch.manual_seed(0)
+        self.s = s
+        self.moe = mk.MoE(s.H, s.I, s.E, s.k, dtype=s.dtype, device=device, backend="torch", **s.moe_kwargs())
+        if self.moe.correction_bias is not None:
+            self.moe.correction_bias.uniform_(-0.05, 0.05)
+        self.x = torch.randn(s.T, s.H, device=device).to(s.dtype)
+        self.grad_out = torch.randn_like(self.x)
+        self.xl = self.x.detach().clone().requires_grad_()
+        with torch.no_grad():
+            ids = route(self.moe, self.x)[2]
+        self.active = int(ids.unique().numel())
+        m, es = self.moe, s.dtype.itemsize
+        per_expert = (m.w13[0].numel() + m.w2[0].numel() + (m.b13[0].numel() + m.b2[0].numel() if m.b13 is not None else 0))
+        shared = sum(p.numel() for p in m.shared.parameters()) if m.shared is not None else 0
+        self.weight_bytes = (self.active * per_expert + shared + m.router.weight.numel()) * es
+        self.idle_bytes = (s.E - self.active) * per_expert * es  # weights of experts without rows
+        self.hf_why = hf_blocks.unavailable(s.model)
+        self.block = None
+        if self.hf_why is None:
+            try:
+                self.block = hf_blocks.build(s, self.moe)
+            except Exception as exc:  # a transformers version whose classes or configs differ
+                self.hf_why = f"building the transformers block failed ({type(exc).__name__}: {str(exc)[:120]})"
+        self.leaves = [self.xl, *self.moe.parameters()]
+        if self.block is not None:
+            seen = {id(t) for t in self.leaves}
+            self.leaves += [p for p in self.block.parameters() if id(p) not in seen]
+
+
+def _cases(inp: Inputs, op: str, backends: list[str], device: str) -> list[tuple[Case, object]]:
+    """``(case, post)`` pairs: backend rows (the torch reference first), then the baselines; ``post(out)``
+    puts a row's output in the reference's layout."""
+    s, m, bwd = inp.s, inp.moe, op.endswith("bwd")
+    flops, nbytes = costs.COSTS[op](s)
+    if not bwd:
+        nbytes -= inp.idle_bytes  # only experts with rows are read
+    grads = inp.leaves if bwd else ()
+    cases: list[tuple[Case, object]] = []
+
+    def wrap(forward, grads_of=lambda: [m.w13.grad, m.w2.grad]):
+        if not bwd:
+            def run():
+                with torch.no_grad():
+                    return forward(inp.x)
+            return run
+
+        def run():
+            forward(inp.xl).backward(inp.grad_out)
+            return [inp.xl.grad, *grads_of()]
+        return run
+
+    def layer(b):
+        def forward(x):
+            m.backend = b
+            return m(x)
+        return forward
+
+    def add(backend, fn, note="", post=None):
+        cases.append((Case(op, s, backend, fn, flops, nbytes, grads, note), post))
+
+    for b in backends:
+        skip = interpreted(b, device) and s.T > INTERP_MAX_T
+        add(b, None if skip else wrap(layer(b)), f"skipped: interpreter rows at T <= {INTERP_MAX_T} only" if skip else "")
+    for name, impl in HF_ROWS.items():
+        if inp.block is None:
+            add(name, None, f"skipped: {inp.hf_why}")
+        else:
+            add(name, wrap(lambda x, impl=impl: hf_blocks.forward(inp.block, x, impl), lambda: hf_blocks.expert_grads(inp.block)),
+                post=(lambda out: [out[0], *hf_blocks.moe_layout(inp.block, *out[1:])]) if bwd else None)
+    add("unfused", wrap(lambda x: unfused(m, x)))
+    return cases
+
+
+def _memory(fn, grads) -> tuple[float, float]:
+    """``(peak MB, transient MB)`` of one call on the GPU (see the module docstring)."""
+    for g in grads:
+        g.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak, kept = torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base
+    del out
+    for g in grads:
+        g.grad = None
+    return sig(peak / 2**20, 4), sig((peak - kept) / 2**20, 4)
+
+
+# ----- the suite -------------------------------------------------------------------------------------
+
+
+def _goals(group: list[dict], device: str) -> None:
+    unfused_act = next((r["act_mb"] for r in group if r["backend"] == "unfused" and r["median_ms"]), None)
+    for r in group:
+        if device != "cuda" or r["kind"] != "kernel" or r["backend"] == "torch" or not r["median_ms"]:
+            continue
+        out, bwd = [], r["op"].endswith("bwd")
+        if r["T"] >= PREFILL_MIN_T and r["vs_hf_gmm"] is not None:
+            want = GOALS["vs_hf_grouped_mm"]
+            out.append(goal(r["vs_hf_gmm"] >= want, f"{r['vs_hf_gmm']:.2f}x hf_grouped_mm vs >= {want}x"))
+        if not bwd and r["T"] <= DECODE_MAX_T:
+            want = GOALS["decode_vs_weight_read"]
+            out.append(goal(r["vs_weight_read"] <= want, f"{r['vs_weight_read']:.2f}x weight read vs <= {want}x"))
+        if bwd and unfused_act:
+            frac, want = r["act_mb"] / unfused_act, GOALS["act_vs_unfused"]
+            out.append(goal(frac <= want, f"act mem {100 * frac:.0f}% of unfused vs <= {100 * want:.0f}%"))
+        r["goal"] = "; ".join(out) or None
+
+
+def run_moe(shapes: list[Shape], device: str, quick: bool, notes: list[str]) -> tuple[list[dict], dict]:
+    """Measure both ops on every shape; ``(rows, facts)`` for the harness."""
+    backends, more = suite_backends("fused_moe", device)
+    notes = notes + more
+    ceilings = measure_ceilings(device)
+    rows: list[dict] = []
+    groups = [(s, op) for s in shapes for op in OPS]
+    progress = Progress(len(groups), "bench moe")
+    hf_skips = set()
+    try:
+        inp = None
+        for s, op in groups:
+            if inp is None or inp.s is not s:
+                del inp
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                inp = Inputs(s, device)
+                if inp.hf_why:
+                    hf_skips.add(inp.hf_why)
+            group, ref = [], None
+            for case, post in _cases(inp, op, backends, device):
+                fn = case.fn
+                row, out = measure(case, device, quick, ceilings, None, RATIOS)
+                out = post(out) if post is not None and out is not None else out
+                if case.backend == "torch":
+                    ref = out
+                elif out is not None and ref is not None:
+                    row["err_vs_ref"] = sig(output_error(out, ref))
+                    if row["err_vs_ref"] > (1e-4 if s.dtype == torch.float32 else 3e-2):
+                        add_note(row, f"rel err vs ref {row['err_vs_ref']:.1e}"
+                                      + (" (HF routes in the layer dtype)" if case.backend.startswith("hf") else ""))
+                row["kind"] = "baseline" if case.backend in HF_ROWS or case.backend == "unfused" else "kernel"
+                row["peak_mb"] = row["act_mb"] = "n/a" if device != "cuda" else None
+                if device == "cuda" and row["median_ms"]:
+                    row["peak_mb"], row["act_mb"] = _memory(fn, case.grads)
+                w_read_ms = inp.weight_bytes / (ceilings["copy_gbps"] * 1e9) * 1e3
+                fwd = row["median_ms"] and not op.endswith("bwd")
+                row["vs_weight_read"] = sig(row["median_ms"] / w_read_ms, 4) if fwd else None
+                row["active_experts"] = inp.active
+                row["goal"] = None
+                group.append(row)
+                del out, fn
+            fill_ratios(group, RATIOS)
+            _goals(group, device)
+            rows += group
+            del ref
+            inp.moe.backend = "torch"
+            progress.update(f"{s.model} T{s.T} {op}")
+    finally:
+        progress.close()
+    notes += [f"hf rows skipped: {why}" for why in sorted(hf_skips)]
+    if device != "cuda":
+        notes.append("goals (>= 1.3x hf_grouped_mm at >= 4096 tokens; decode within 1.2x of the weight read; "
+                     "fwd+bwd activation memory <= 60% of unfused) are checked on the GPU only")
+    notes.append("w read = row time / (weight bytes needed / copy bandwidth); err_vs_ref vs backend=torch "
+                 "(fwd: output; fwd+bwd: grads of x, w13, w2)")
+    facts = {
+        "quick": quick, "backends": backends, "ceilings": ceilings, "notes": notes, "goals": GOALS,
+        "backend_status": {n: i.reason for n, i in mk.backends().items()},
+        "shapes": [{"model": s.model, "label": s.label, "cpu_scale": s.scale} for s in shapes],
+    }
+    return rows, facts
+
+
+# ----- the plot --------------------------------------------------------------------------------------
+
+
+def plot(rows: list[dict], path: Path) -> str:
+    """Time vs tokens per model (one panel per model and op), one line per backend; returns what happened."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(OPS), len(models), figsize=(4 * len(models), 3.4 * len(OPS)), squeeze=False)
+    for j, model in enumerate(models):
+        for i, op in enumerate(OPS):
+            ax = axes[i][j]
+            mine = [r for r in rows if r["model"] == model and r["op"] == op and r["median_ms"]]
+            for backend in dict.fromkeys(r["backend"] for r in mine):
+                pts = sorted((r["T"], r["median_ms"]) for r in mine if r["backend"] == backend)
+                ax.plot(*zip(*pts), marker="o", linestyle="--" if backend in HF_ROWS or backend == "unfused" else "-",
+                        label=backend)
+            ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms", title=f"{model} {op}")
+            ax.grid(True, which="both", alpha=0.3)
+            if mine:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"wrote {path}"
