@@ -31,7 +31,7 @@ from .distributed import EPHandle, ExpertParallel
 from .gemm import grouped_gemm
 from .layer import MoE
 from .lora import LoRAMoE, lora_moe, wrap_linear
-from .moe import fused_moe
+from .moe import activation, fused_moe
 from .routing import RoutingPlan, expert_choice_plan, permute, plan_routing, unpermute
 
 __version__ = "0.1.0"
@@ -45,6 +45,7 @@ __all__ = [
     "MoE",
     "RoutingPlan",
     "RoutingStats",
+    "activation",
     "backends",
     "expert_choice_gating",
     "expert_choice_plan",

@@ -11,7 +11,7 @@ from torch import nn
 from . import _checks
 from .gating import expert_choice_gating, load_balancing_loss, router_z_loss, routing_stats, stats_from_counts, topk_gating
 from .gemm import grouped_gemm
-from .moe import fused_moe
+from .moe import activation, fused_moe
 from .routing import expert_choice_plan, permute, unpermute
 from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
 
@@ -28,7 +28,7 @@ class SharedExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gate_proj(x) if self.up_proj is None else torch.cat([self.gate_proj(x), self.up_proj(x)], -1)
-        return self.down_proj(torch.ops.moe_kernels.activation(h, self.activation, self.gated))
+        return self.down_proj(activation(h, self.activation, gated=self.gated))
 
 
 class MoE(nn.Module):
@@ -172,7 +172,7 @@ class MoE(nn.Module):
                                                backend=self.backend)
         plan, slot_weights = expert_choice_plan(tokens, weights, x.shape[0])  # index bookkeeping: any backend
         h = grouped_gemm(permute(x, plan, backend=self.backend), self.w13, plan, bias=self.b13, backend=self.backend)
-        a = torch.ops.moe_kernels.activation(h, self.activation, self.gated)
+        a = activation(h, self.activation, gated=self.gated)
         y = grouped_gemm(a, self.w2, plan, bias=self.b2, backend=self.backend)
         return unpermute(y, plan, slot_weights, backend=self.backend), plan.tokens_per_expert
 

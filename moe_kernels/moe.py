@@ -12,6 +12,18 @@ _OPS = torch.ops.moe_kernels
 _backends.register("fused_moe", "torch")(_OPS.fused_moe.default)
 
 
+def activation(h: torch.Tensor, kind: str = "silu", *, gated: bool = True) -> torch.Tensor:
+    """The experts' activation: ``act(gate) * up`` on ``h = [gate | up]`` ``[P, 2I] -> [P, I]`` (gated),
+    or ``act(h)``; computed in fp32, returned in ``h``'s dtype. ``kind``: silu, gelu (exact), relu, or
+    swiglu_oai (gpt-oss, gated only). Differentiable."""
+    fn = "activation"
+    _checks.check_tensor(fn, "h", h, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[P, 2I] or [P, I]")
+    _checks.check_choice(fn, "kind", kind, GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS)
+    if gated and h.shape[1] % 2:
+        raise ValueError(f"{fn}: gated h must have an even number of columns [gate | up], got shape {tuple(h.shape)}")
+    return _OPS.activation(h, kind, bool(gated))
+
+
 def fused_moe(
     hidden: torch.Tensor,
     w13: torch.Tensor,

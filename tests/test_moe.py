@@ -155,3 +155,15 @@ def test_fused_moe_bad_input(change, err, match):
     pos = [args.pop(n) for n in ("hidden", "w13", "w2", "topk_weights", "topk_ids")]
     with pytest.raises(err, match=match):
         mk.fused_moe(*pos, **args)
+
+
+@pytest.mark.parametrize("kind,gated", [("silu", True), ("gelu", True), ("relu", False), ("swiglu_oai", True)])
+def test_public_activation(kind, gated):
+    h = torch.randn(9, 16, dtype=torch.float64) * 4
+    a = mk.activation(h, kind, gated=gated)
+    expected = torch.stack([naive.act(r, kind, gated) for r in h])
+    assert_close("activation", a, expected, rms_tol=1e-12)
+    with pytest.raises(ValueError, match="kind"):
+        mk.activation(h, "tanh")
+    with pytest.raises(ValueError, match="even number"):
+        mk.activation(torch.randn(3, 5), "silu")
