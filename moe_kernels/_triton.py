@@ -114,13 +114,13 @@ if _gating is not None:
         return _gg.grouped_gemm(x, w, expert_offsets, bias, sorted_slots, trans_w, launch=wrap_triton, empty=_empty)
 
     @triton_op("moe_kernels::grouped_gemm_wgrad_triton", mutates_args=())
-    def grouped_gemm_wgrad_triton(a: Tensor, b: Tensor, expert_offsets: Tensor) -> Tensor:
-        return _gg.grouped_wgrad(a, b, expert_offsets, launch=wrap_triton, empty=_empty)
+    def grouped_gemm_wgrad_triton(a: Tensor, b: Tensor, expert_offsets: Tensor, sorted_slots: Optional[Tensor]) -> Tensor:
+        return _gg.grouped_wgrad(a, b, expert_offsets, sorted_slots, launch=wrap_triton, empty=_empty)
 
-    def _segment_sum(y: Tensor, expert_offsets: Tensor) -> Tensor:
+    def _segment_sum(y: Tensor, expert_offsets: Tensor, sorted_slots: Optional[Tensor]) -> Tensor:
         """Per-expert row sums as a wgrad against a column of ones: deterministic, no atomics."""
         ones = torch.ones(y.shape[0], 1, dtype=y.dtype, device=y.device)
-        return grouped_gemm_wgrad_triton(ones, y, expert_offsets)[:, 0, :]
+        return grouped_gemm_wgrad_triton(ones, y, expert_offsets, sorted_slots)[:, 0, :]
 
     _bwd, _setup = ops.gemm_autograd(grouped_gemm_triton, grouped_gemm_wgrad_triton, _segment_sum)
     grouped_gemm_triton.register_autograd(_bwd, setup_context=_setup)

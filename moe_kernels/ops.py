@@ -254,29 +254,30 @@ def _(x, w, expert_offsets, bias, sorted_slots, trans_w):
 
 
 @custom_op("moe_kernels::grouped_gemm_wgrad", mutates_args=())
-def grouped_gemm_wgrad(a: Tensor, b: Tensor, expert_offsets: Tensor) -> Tensor:
-    return ref.grouped_gemm_wgrad(a, b, expert_offsets)
+def grouped_gemm_wgrad(a: Tensor, b: Tensor, expert_offsets: Tensor, sorted_slots: Optional[Tensor]) -> Tensor:
+    return ref.grouped_gemm_wgrad(a, b, expert_offsets, sorted_slots)
 
 
 @grouped_gemm_wgrad.register_fake
-def _(a, b, expert_offsets):
+def _(a, b, expert_offsets, sorted_slots):
     return a.new_empty(expert_offsets.shape[0] - 1, a.shape[1], b.shape[1])
 
 
 @custom_op("moe_kernels::segment_sum", mutates_args=())
-def segment_sum(y: Tensor, expert_offsets: Tensor) -> Tensor:
-    return ref.segment_sum(y, expert_offsets)
+def segment_sum(y: Tensor, expert_offsets: Tensor, sorted_slots: Optional[Tensor]) -> Tensor:
+    return ref.segment_sum(y, expert_offsets, sorted_slots)
 
 
 @segment_sum.register_fake
-def _(y, expert_offsets):
+def _(y, expert_offsets, sorted_slots):
     return y.new_empty(expert_offsets.shape[0] - 1, y.shape[1])
 
 
 def gemm_autograd(gemm_op, wgrad_op, segment_sum_op):
     """``(backward, setup_context)`` of one backend's grouped_gemm op
     ``(x, w, expert_offsets, bias, sorted_slots, trans_w)``: dX is the same GEMM with the weight read
-    transposed, dW the per-expert ``dY^T X`` (or ``X^T dY``), the bias gradient a segment sum."""
+    transposed (it zeroes padding and tail rows itself), dW the per-expert ``dY^T X`` (or ``X^T dY``),
+    the bias gradient a segment sum; the last two skip padding rows, whose outputs were zeroed."""
 
     def setup_context(ctx, inputs, output):
         x, w, offsets, bias, sorted_slots, trans_w = inputs
@@ -285,13 +286,12 @@ def gemm_autograd(gemm_op, wgrad_op, segment_sum_op):
 
     def backward(ctx, grad):
         x, w, offsets, sorted_slots = ctx.saved_tensors
-        grad = torch.where(ref.row_mask(offsets, grad.shape[0], sorted_slots)[:, None], grad, 0)  # rows that were zeroed
         need = ctx.needs_input_grad
         gx = gemm_op(grad, w, offsets, None, sorted_slots, not ctx.trans_w) if need[0] else None
         gw = None
         if need[1]:
-            gw = wgrad_op(grad, x, offsets) if ctx.trans_w else wgrad_op(x, grad, offsets)
-        gb = segment_sum_op(grad, offsets) if ctx.has_bias and need[3] else None
+            gw = wgrad_op(grad, x, offsets, sorted_slots) if ctx.trans_w else wgrad_op(x, grad, offsets, sorted_slots)
+        gb = segment_sum_op(grad, offsets, sorted_slots) if ctx.has_bias and need[3] else None
         return gx, gw, None, gb, None, None
 
     return backward, setup_context

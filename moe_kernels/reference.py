@@ -374,9 +374,14 @@ def grouped_gemm(
     return torch.where(row_mask(expert_offsets, P, sorted_slots)[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
-def grouped_gemm_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
-    """Per expert ``a_e^T @ b_e`` over the rows of its segment: ``[E, A, B]`` (0 for empty experts)."""
+def grouped_gemm_wgrad(
+    a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per expert ``a_e^T @ b_e`` over the rows of its segment: ``[E, A, B]`` (0 for empty experts);
+    with a plan's ``sorted_slots``, padding rows do not count (whatever either operand holds there)."""
     E = expert_offsets.shape[0] - 1
+    if sorted_slots is not None:
+        b = torch.where((sorted_slots >= 0)[:, None], b, torch.zeros((), dtype=b.dtype, device=b.device))
     out = empty(E, a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
     bounds = expert_offsets.tolist()
     for e in range(E):
@@ -385,11 +390,13 @@ def grouped_gemm_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.T
     return out
 
 
-def segment_sum(y: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
-    """Per expert sum of its segment's rows ``[E, N]``, accumulated in fp32."""
+def segment_sum(y: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Per expert sum of its segment's rows ``[E, N]``, accumulated in fp32 (padding rows excluded)."""
     E = expert_offsets.shape[0] - 1
     acc = acc_dtype(y.dtype)
     rows_e = row_experts(expert_offsets, y.shape[0])  # rows past the end go to bucket E
+    if sorted_slots is not None:
+        rows_e = torch.where(sorted_slots >= 0, rows_e, E)
     out = torch.zeros(E + 1, y.shape[1], dtype=acc, device=y.device).index_add_(0, rows_e, y.to(acc))
     return out[:E].to(y.dtype)
 

@@ -94,8 +94,10 @@ def test_grouped_gemm_opcheck():
     w = torch.randn(3, 8, 16, requires_grad=True)
     b = torch.randn(3, 8, requires_grad=True)
     torch.library.opcheck(torch.ops.moe_kernels.grouped_gemm.default, (x, w, offsets, b, None, True))
-    torch.library.opcheck(torch.ops.moe_kernels.grouped_gemm_wgrad.default, (x.detach(), x.detach(), offsets))
-    torch.library.opcheck(torch.ops.moe_kernels.segment_sum.default, (x.detach(), offsets))
+    slots = torch.tensor([0, 1, -1, 2, 3, 4, -1, 5, 6], dtype=torch.int32)
+    for s in (None, slots):
+        torch.library.opcheck(torch.ops.moe_kernels.grouped_gemm_wgrad.default, (x.detach(), x.detach(), offsets, s))
+        torch.library.opcheck(torch.ops.moe_kernels.segment_sum.default, (x.detach(), offsets, s))
 
 
 @pytest.mark.parametrize(

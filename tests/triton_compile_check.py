@@ -75,8 +75,8 @@ CASES = [
      {**GEMM_FLAGS, "SCATTER": True, "OUT_SCALE": True, "IEEE": True, "BLOCK_K": 32}),
     ("gemm gelu plain", grouped_gemm.grouped_gemm_kernel, {**BF16_GEMM, **GEMM_INDEX}, {**GEMM_FLAGS, "ACT": 2}),
     ("wgrad", grouped_gemm.grouped_wgrad_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
-                                                  "offsets_ptr": "*i32"},
-     dict(UPCAST=False, IEEE=False, BLOCK_A=64, BLOCK_B=64, BLOCK_M=32)),
+                                                  "offsets_ptr": "*i32", "slots_ptr": "*i32"},
+     dict(HAS_SLOTS=True, UPCAST=False, IEEE=False, BLOCK_A=64, BLOCK_B=64, BLOCK_M=32)),
     ("lora add_slot_sums", lora.add_slot_sums_kernel, {"base_ptr": "*bf16", "rows_ptr": "*bf16", "out_ptr": "*bf16",
                                                        "slot_to_row_ptr": "*i32"}, dict(BLOCK_T=4, BLOCK_N=512)),
 ]

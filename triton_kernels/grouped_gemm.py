@@ -139,10 +139,12 @@ def grouped_gemm_kernel(
 
 @triton.jit
 def grouped_wgrad_kernel(
-    a_ptr, b_ptr, out_ptr, offsets_ptr, A, B, stride_am, stride_bm, num_a_tiles, num_b_tiles,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    a_ptr, b_ptr, out_ptr, offsets_ptr, slots_ptr, A, B, stride_am, stride_bm, num_a_tiles, num_b_tiles,
+    HAS_SLOTS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """out[e] = a_e^T @ b_e over the rows of segment e: [E, A, B], fp32 accumulation, every element written."""
+    """out[e] = a_e^T @ b_e over the rows of segment e (padding rows of a plan skipped): [E, A, B], fp32
+    accumulation, every element written."""
     pid = tl.program_id(0)
     e = pid // (num_a_tiles * num_b_tiles)
     rest = pid % (num_a_tiles * num_b_tiles)
@@ -155,6 +157,8 @@ def grouped_wgrad_kernel(
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + ms
         rm = rows < hi
+        if HAS_SLOTS:
+            rm = rm & (tl.load(slots_ptr + rows, mask=rm, other=-1) >= 0)
         at = tl.load(a_ptr + rows[None, :] * stride_am + ia[:, None], mask=rm[None, :] & (ia < A)[:, None], other=0.0)
         bt = tl.load(b_ptr + rows[:, None] * stride_bm + ib[None, :], mask=rm[:, None] & (ib < B)[None, :], other=0.0)
         if UPCAST:
@@ -230,8 +234,9 @@ def grouped_gemm(
     return y
 
 
-def grouped_wgrad(a, b, expert_offsets, *, launch=identity_launch, empty):
-    """Launcher: ``[E, A, B]`` with ``out[e] = a_e^T @ b_e`` over segment e's rows (zeros for empty experts)."""
+def grouped_wgrad(a, b, expert_offsets, sorted_slots=None, *, launch=identity_launch, empty):
+    """Launcher: ``[E, A, B]`` with ``out[e] = a_e^T @ b_e`` over segment e's rows (zeros for empty experts),
+    skipping the padding rows of ``sorted_slots`` when given."""
     a = a if a.stride(1) == 1 else a.contiguous()
     b = b if b.stride(1) == 1 else b.contiguous()
     E, A, B = expert_offsets.shape[0] - 1, a.shape[1], b.shape[1]
@@ -241,7 +246,8 @@ def grouped_wgrad(a, b, expert_offsets, *, launch=identity_launch, empty):
     ba, bb = min(64, max(16, next_pow2(A))), min(64, max(16, next_pow2(B)))
     na, nb = triton.cdiv(A, ba), triton.cdiv(B, bb)
     launch(grouped_wgrad_kernel)[(E * na * nb,)](
-        a, b, out, expert_offsets, A, B, a.stride(0), b.stride(0), na, nb,
+        a, b, out, expert_offsets, sorted_slots if sorted_slots is not None else expert_offsets, A, B,
+        a.stride(0), b.stride(0), na, nb, HAS_SLOTS=sorted_slots is not None,
         UPCAST=_interpreting() and a.dtype == torch.bfloat16, IEEE=a.dtype == torch.float32,
         BLOCK_A=ba, BLOCK_B=bb, BLOCK_M=32,
     )
