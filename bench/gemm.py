@@ -30,7 +30,7 @@ import moe_kernels as mk
 
 from .common import goal, interpreted, measure, suite_backends
 from .harness import MAIN_RATIOS, Case, Progress, fill_ratios, measure_ceilings, sig
-from .shapes import Shape, load_models, make_shape
+from .shapes import Shape, make_shape, pick_models
 from .suites import grouped_mm_reason
 
 GEMM_MODELS = ("mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "qwen3-235b-a22b", "gpt-oss-120b")
@@ -51,18 +51,7 @@ TABLE = {"ratios": MAIN_RATIOS, "err_note": None,
 def select_gemm(models: list[str] | None, device: str, quick: bool,
                 tokens: list[int] | None) -> tuple[list[Shape], str, list[str]]:
     """The shapes of one run (CPU: scaled down hard), the source of the configs and run notes."""
-    table, source = load_models()
-    notes = []
-    if models:
-        unknown = [m for m in models if m not in table]
-        if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(table)}")
-        names = models
-    else:
-        want = QUICK_MODELS if quick else GEMM_MODELS
-        names = [m for m in want if m in table]
-        if len(names) < len(want):
-            notes.append(f"not in {source}, left out: {', '.join(m for m in want if m not in table)}")
+    table, source, names, notes = pick_models(models, QUICK_MODELS if quick else GEMM_MODELS)
     # CPU: the quick parameter budget (about 2M expert parameters) whatever --quick says
     shapes = [make_shape(n, table[n], device, True, T) for n in names for T in (tokens or TOKENS[(device, quick)])]
     if device == "cpu":

@@ -32,7 +32,7 @@ import moe_kernels as mk
 from . import costs, hf_blocks
 from .common import add_note, goal, interpreted, measure, suite_backends
 from .harness import Case, Progress, fill_ratios, measure_ceilings, output_error, sig
-from .shapes import Shape, load_models, make_shape
+from .shapes import Shape, make_shape, pick_models
 from .suites import route
 
 MOE_MODELS = ("mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "gpt-oss-120b")
@@ -54,18 +54,7 @@ TABLE = {"ratios": RATIOS, "err_note": None,
 def select_moe(models: list[str] | None, device: str, quick: bool,
                tokens: list[int] | None) -> tuple[list[Shape], str, list[str]]:
     """The shapes of one run (CPU: scaled down), the source of the configs and run notes."""
-    table, source = load_models()
-    notes = []
-    if models:
-        unknown = [m for m in models if m not in table]
-        if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(table)}")
-        names = models
-    else:
-        want = QUICK_MODELS if quick else MOE_MODELS
-        names = [m for m in want if m in table]
-        if len(names) < len(want):
-            notes.append(f"not in {source}, left out: {', '.join(m for m in want if m not in table)}")
+    table, source, names, notes = pick_models(models, QUICK_MODELS if quick else MOE_MODELS)
     shapes = [make_shape(n, table[n], device, quick, T) for n in names for T in (tokens or TOKENS[(device, quick)])]
     if device == "cpu":
         notes.append("CPU: H and I scaled down (see meta.shapes cpu_scale), fp32; peak memory n/a")

@@ -20,7 +20,7 @@ import moe_kernels as mk
 
 from . import costs
 from .harness import Case, Progress, fill_ratios, flat_tensors, measure_ceilings, output_error, run_case, sig, time_fn
-from .shapes import Shape, load_models
+from .shapes import Shape, pick_models
 from .suites import available_backends
 
 ROUTING_MODELS = ("deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b", "kimi-k2")
@@ -63,17 +63,7 @@ def gating_kwargs(cfg: dict) -> dict:
 def select_routing(models: list[str] | None, device: str, quick: bool,
                    tokens: list[int] | None) -> tuple[list[GateShape], str, list[str]]:
     """The shapes of one run, the source of the configs and run notes; unknown model names raise ValueError."""
-    table, source = load_models()
-    notes = []
-    if models:
-        unknown = [m for m in models if m not in table]
-        if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(table)}")
-        names = models
-    else:
-        names = [m for m in ROUTING_MODELS if m in table]
-        if len(names) < len(ROUTING_MODELS):
-            notes.append(f"not in {source}, left out: {', '.join(m for m in ROUTING_MODELS if m not in table)}")
+    table, source, names, notes = pick_models(models, ROUTING_MODELS)
     dtypes = (torch.float32, torch.bfloat16) if device == "cuda" and not quick else (torch.float32,)
     shapes = [GateShape(n, T, int(table[n].get("hidden", 0)), int(table[n].get("intermediate", 0)),
                         int(table[n]["experts"]), int(table[n]["top_k"]), dt, cfg=dict(table[n]))

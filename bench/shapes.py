@@ -100,6 +100,22 @@ def load_models(path: Path | None = None) -> tuple[dict, str]:
     return {k: v for k, v in raw.items() if not k.startswith("_")}, str(path)
 
 
+def pick_models(models: list[str] | None, default: list[str]) -> tuple[dict, str, list[str], list[str]]:
+    """``(configs by name, their source, names to run, notes)``: the given names (unknown ones raise
+    ValueError) or the defaults found in the model list."""
+    table, source = load_models()
+    notes = []
+    if models:
+        unknown = [m for m in models if m not in table]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(table)}")
+        return table, source, list(models), notes
+    names = [m for m in default if m in table]
+    if len(names) < len(default):
+        notes.append(f"not in {source}, left out: {', '.join(m for m in default if m not in table)}")
+    return table, source, names, notes
+
+
 def _round(v: float) -> int:
     return max(ALIGN, int(round(v / ALIGN)) * ALIGN)
 

@@ -171,7 +171,7 @@ def test_load_balancing_loss_with_topk_gating_ids(device):
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_load_balancing_loss_even_routing_is_one(device, scoring):
-    T, k, E = 12, 2, 8  # every expert gets T*k/E = 3 slots, every token uniform probabilities
+    T, E = 12, 8  # k = 2: every expert gets T*k/E = 3 slots, every token uniform probabilities
     logits = torch.full((T, E), -0.8, device=device)
     ids = torch.tensor([[(2 * t) % E, (2 * t + 1) % E] for t in range(T)], dtype=torch.int32, device=device)
     loss = mk.load_balancing_loss(logits, ids, E, scoring=scoring)
