@@ -141,7 +141,7 @@ def _cases(inp: Inputs, op: str, backends: list[str]) -> list[Case]:
     def base(x, a, b, w):
         return F.linear(x, inp.w0, inp.b0)
 
-    fns = [(be, lora(be)) for be in backends] + [("loop", loop), ("base", base)]
+    fns = [(be, lora(be)) for be in backends + ["auto"]] + [("loop", loop), ("base", base)]  # auto: dense when E*r is small
     for name, fn in fns:
         flops, nbytes = costs(s, op, name)
         if op == "lora_moe":
