@@ -33,7 +33,7 @@ from . import costs, hf_blocks
 from .common import add_note, goal, interpreted, measure, suite_backends
 from .harness import Case, Progress, fill_ratios, measure_ceilings, output_error, sig
 from .shapes import Shape, make_shape, pick_models
-from .suites import route
+from .suites import loop_layer, route
 
 MOE_MODELS = ("mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "gpt-oss-120b")
 QUICK_MODELS = ("mixtral-8x7b", "deepseek-v3", "gpt-oss-120b")
@@ -64,17 +64,17 @@ def select_moe(models: list[str] | None, device: str, quick: bool,
 # ----- the unfused pipeline --------------------------------------------------------------------------
 
 
+def unfused_experts(x, w13, w2, w, ids, activation, gated, b13=None, b2=None) -> torch.Tensor:
+    """What ``fused_moe`` fuses, as our ops called one by one (backend auto)."""
+    plan = mk.plan_routing(ids, w13.shape[0])
+    h = mk.grouped_gemm(mk.permute(x, plan), w13, plan, bias=b13)  # [S, 2I]
+    a = mk.activation(h, activation, gated=gated)  # [S, I]
+    return mk.unpermute(mk.grouped_gemm(a, w2, plan, bias=b2), plan, w)  # [T, H]
+
+
 def unfused(moe: mk.MoE, x: torch.Tensor) -> torch.Tensor:
-    """The layer as our ops called one by one (backend auto): what ``fused_moe`` fuses, plus router and shared expert."""
-    _, w, ids = route(moe, x, "auto")  # fp32 router + topk_gating
-    plan = mk.plan_routing(ids, moe.num_experts)
-    h = mk.grouped_gemm(mk.permute(x, plan), moe.w13, plan, bias=moe.b13)  # [S, 2I]
-    a = torch.ops.moe_kernels.activation(h, moe.activation, moe.gated)  # [S, I]
-    out = mk.unpermute(mk.grouped_gemm(a, moe.w2, plan, bias=moe.b2), plan, w)  # [T, H]
-    if moe.shared is not None:
-        sh = moe.shared(x)
-        out = out + (torch.sigmoid(moe.shared_gate(x)) * sh if moe.shared_gate is not None else sh)
-    return out
+    """The layer with router, unfused experts and shared expert, all on backend auto."""
+    return loop_layer(moe, x, unfused_experts, backend="auto")
 
 
 # ----- inputs and cases ------------------------------------------------------------------------------

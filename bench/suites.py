@@ -115,9 +115,9 @@ def route(moe: mk.MoE, x: torch.Tensor, backend: str = "torch"):
     return logits, w, ids
 
 
-def loop_layer(moe: mk.MoE, x: torch.Tensor, expert_fn=loop_moe) -> torch.Tensor:
-    """The MoE layer with its experts replaced by ``expert_fn`` (router and shared expert as in MoE)."""
-    _, w, ids = route(moe, x)
+def loop_layer(moe: mk.MoE, x: torch.Tensor, expert_fn=loop_moe, backend: str = "torch") -> torch.Tensor:
+    """The MoE layer with its experts replaced by ``expert_fn`` (router, on ``backend``, and shared expert as in MoE)."""
+    _, w, ids = route(moe, x, backend)
     out = expert_fn(x, moe.w13, moe.w2, w, ids, moe.activation, moe.gated, moe.b13, moe.b2)
     if moe.shared is not None:
         sh = moe.shared(x)
