@@ -33,7 +33,7 @@ from . import costs, hf_blocks
 from .common import add_note, goal, interpreted, measure, suite_backends
 from .harness import Case, Progress, fill_ratios, measure_ceilings, output_error, sig
 from .shapes import Shape, make_shape, pick_models
-from .suites import loop_layer, route
+from .suites import loop_layer, make_layer, route
 
 MOE_MODELS = ("mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "gpt-oss-120b")
 QUICK_MODELS = ("mixtral-8x7b", "deepseek-v3", "gpt-oss-120b")
@@ -86,9 +86,7 @@ class Inputs:
     def __init__(self, s: Shape, device: str):
         torch.manual_seed(0)
         self.s = s
-        self.moe = mk.MoE(s.H, s.I, s.E, s.k, dtype=s.dtype, device=device, backend="torch", **s.moe_kwargs())
-        if self.moe.correction_bias is not None:
-            self.moe.correction_bias.uniform_(-0.05, 0.05)
+        self.moe = make_layer(s, device)
         self.x = torch.randn(s.T, s.H, device=device).to(s.dtype)
         self.grad_out = torch.randn_like(self.x)
         self.xl = self.x.detach().clone().requires_grad_()

@@ -128,15 +128,21 @@ def loop_layer(moe: mk.MoE, x: torch.Tensor, expert_fn=loop_moe, backend: str = 
 # ----- inputs and cases ------------------------------------------------------------------------------
 
 
+def make_layer(s: Shape, device: str) -> mk.MoE:
+    """The benchmark layer of a shape (torch backend; a small random correction bias where the model has one)."""
+    moe = mk.MoE(s.H, s.I, s.E, s.k, dtype=s.dtype, device=device, backend="torch", **s.moe_kwargs())
+    if moe.correction_bias is not None:
+        moe.correction_bias.uniform_(-0.05, 0.05)
+    return moe
+
+
 class Inputs:
     """Every tensor the cases of one shape need, built once."""
 
     def __init__(self, s: Shape, device: str):
         torch.manual_seed(0)
         self.s = s
-        self.moe = mk.MoE(s.H, s.I, s.E, s.k, dtype=s.dtype, device=device, backend="torch", **s.moe_kwargs())
-        if self.moe.correction_bias is not None:
-            self.moe.correction_bias.uniform_(-0.05, 0.05)
+        self.moe = make_layer(s, device)
         self.x = torch.randn(s.T, s.H, dtype=s.dtype, device=device)  # [T, H]
         with torch.no_grad():
             self.logits, self.weights, self.ids = route(self.moe, self.x)  # [T, E] fp32, [T, k], [T, k]
