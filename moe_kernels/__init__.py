@@ -7,10 +7,12 @@ Public API (every function takes ``backend="auto" | "torch" | "triton" | "cuda"`
 - :func:`plan_routing`, :func:`permute`, :func:`unpermute` - group (token, slot) pairs by expert and back
 - :func:`grouped_gemm` - every expert's rows times its own weight in one call
 - :func:`fused_moe` - the experts of an MoE layer in one call
-- :class:`MoE` - router + experts + shared experts + auxiliary losses as an nn.Module
+- :class:`MoE` - router + experts + shared experts + auxiliary losses as an nn.Module (also hierarchical and residual;
+  ``MoE.from_dense``, ``merge_experts``, ``to_dense``; ``run_stats`` over a run)
 - :func:`lora_moe`, :class:`LoRAMoE`, :func:`wrap_linear` - a mixture of LoRA experts on a frozen linear layer
 - :func:`load_balancing_loss`, :func:`router_z_loss`, :func:`routing_stats`, :func:`update_correction_bias`
 - :class:`ExpertParallel` - expert parallelism: dispatch rows to the ranks owning their experts and combine back
+  (FasterMoE shadowing and chunked pipelining: ``shadow``, ``chunks``)
 - :func:`backends` - which backends can run here, and why not
 """
 
@@ -27,24 +29,30 @@ from .gating import (
     update_correction_bias,
 )
 from . import _cuda, _triton  # noqa: F401  (optional backends)
-from .distributed import EPHandle, ExpertParallel
+from .distributed import EPHandle, EPTraffic, ExpertParallel
+from .hierarchical import hierarchical_gating
 from .gemm import grouped_gemm
 from .layer import MoE
 from .lora import LoRAMoE, lora_moe, wrap_linear
 from .moe import activation, fused_moe
 from .routing import RoutingPlan, expert_choice_plan, permute, plan_routing, unpermute
+from .stats import RoutingStatsAccumulator
+from .upcycle import DenseFFN
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendInfo",
+    "DenseFFN",
     "EPHandle",
+    "EPTraffic",
     "ExpertParallel",
     "GatingStats",
     "LoRAMoE",
     "MoE",
     "RoutingPlan",
     "RoutingStats",
+    "RoutingStatsAccumulator",
     "activation",
     "backends",
     "expert_choice_gating",
@@ -52,6 +60,7 @@ __all__ = [
     "expert_counts",
     "fused_moe",
     "grouped_gemm",
+    "hierarchical_gating",
     "load_balancing_loss",
     "lora_moe",
     "permute",

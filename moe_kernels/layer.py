@@ -14,7 +14,8 @@ from .gating import (GatingStats, expert_choice_gating, expert_counts, load_bala
 from .gemm import grouped_gemm
 from .moe import activation, fused_moe
 from .routing import expert_choice_plan, permute, unpermute
-from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
+from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, balance_scores
+from .stats import RoutingStatsAccumulator, routing_entropy
 
 
 class SharedExpert(nn.Module):
@@ -42,7 +43,8 @@ class MoE(nn.Module):
 
     The router runs in fp32. ``forward(x [..., H]) -> [..., H]``; afterwards ``last_stats`` holds a
     :class:`RoutingStats` and ``aux_loss`` ``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss``
-    (add it to the training loss). ``capacity_factor`` sets each expert's capacity to
+    (add it to the training loss); ``run_stats`` (:class:`~moe_kernels.stats.RoutingStatsAccumulator`) accumulates
+    token counts per expert and routing entropy over calls until ``run_stats.reset()``. ``capacity_factor`` sets each expert's capacity to
     ``ceil(capacity_factor * T * k / E)`` slots.
 
     ``routing="expert_choice"`` lets every expert pick its ``ceil(capacity_factor * T * k / E)`` best
@@ -164,6 +166,9 @@ class MoE(nn.Module):
         self.residual_mlp = SharedExpert(hidden_size, intermediate_size, activation, gated, **factory) if residual else None
         self.residual_coef = nn.Linear(hidden_size, 2, bias=False, **factory) if residual else None
         self.last_stats = None
+        # statistics over a run (RoutingStatsAccumulator; reset() starts a new one; None switches them off)
+        self.run_stats = RoutingStatsAccumulator(num_experts)
+        self.run_stats.reset(device)
         self.aux_loss = None
         self.reset_parameters()
 
@@ -197,8 +202,9 @@ class MoE(nn.Module):
 
         gr = self.group_router
         group_logits = F.linear(x, gr.weight.to(x.dtype), None if gr.bias is None else gr.bias.to(x.dtype))  # [T, G]
-        # the group router's z-loss, added to aux_loss by forward
+        # the group router's z-loss, added to aux_loss by forward; its logits, for run_stats
         self._group_z_loss = router_z_loss(group_logits) if self.z_loss_coef else None
+        self._group_logits = group_logits.detach()
         w, ids = hierarchical_gating(group_logits, logits, self.top_k, self.topk_groups, renormalize=self.renormalize,
                                      scaling_factor=self.scaling_factor, backend=self.backend)
         stats = None
@@ -207,6 +213,15 @@ class MoE(nn.Module):
             probs = hierarchical_probs(group_logits, logits)
             stats = GatingStats(counts, probs.sum(0), x.shape[0], self.top_k, "softmax")
         return logits, w, ids, stats
+
+    def _entropy_sum(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sum over tokens of the entropy of their routing distribution over experts (for ``run_stats``)."""
+        if self.group_router is not None:
+            from .hierarchical import hierarchical_probs
+
+            return routing_entropy(hierarchical_probs(self._group_logits, logits)).sum()
+        s = torch.softmax(logits, -1) if self.scoring == "softmax" else torch.sigmoid(logits)
+        return routing_entropy(balance_scores(s, self.scoring)).sum()
 
     def _capacity(self, num_tokens: int, default: float | None) -> int | None:
         factor = self.capacity_factor if self.capacity_factor is not None else default
@@ -256,6 +271,9 @@ class MoE(nn.Module):
                 self.last_stats = stats_from_counts(load)
             else:
                 self.last_stats = routing_stats(ids, self.num_experts)
+            if self.run_stats is not None:
+                self.run_stats.update(self.last_stats.tokens_per_expert, x.shape[0], self._entropy_sum(logits))
+            self._group_logits = None
         aux = logits.new_zeros(())
         if self.aux_loss_coef and stats is not None:
             aux = aux + self.aux_loss_coef * load_balancing_loss(stats=stats)
@@ -266,6 +284,26 @@ class MoE(nn.Module):
                 self._group_z_loss = None
         self.aux_loss = aux
         return out.reshape(shape)
+
+    @staticmethod
+    def from_dense(mlp, num_experts: int, top_k: int, *, noise: float = 0.0, **kwargs) -> "MoE":
+        """Sparse upcycling: every expert a copy of the dense FFN ``mlp`` (see :func:`moe_kernels.upcycle.from_dense`)."""
+        from .upcycle import from_dense
+
+        return from_dense(mlp, num_experts, top_k, noise=noise, **kwargs)
+
+    def merge_experts(self, num_out: int, *, usage: torch.Tensor | None = None) -> "MoE":
+        """A new layer of ``num_out`` experts, usage-weighted averages within router-similarity clusters
+        (see :func:`moe_kernels.upcycle.merge_experts`)."""
+        from .upcycle import merge_experts
+
+        return merge_experts(self, num_out, usage=usage)
+
+    def to_dense(self, *, usage: torch.Tensor | None = None) -> nn.Module:
+        """One FFN, the usage-weighted average of the experts (see :func:`moe_kernels.upcycle.to_dense`)."""
+        from .upcycle import to_dense
+
+        return to_dense(self, usage=usage)
 
     @staticmethod
     def from_hf(block, *, backend: str = "auto"):
