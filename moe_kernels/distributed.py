@@ -125,7 +125,7 @@ class ExpertParallel:
     """
 
     def __init__(self, group, num_experts: int, *, capacity: int | None = None, shadow: int = 0, chunks: int = 1,
-                 backend: str = "auto"):
+                 shadow_policy: str = "load", backend: str = "auto"):
         fn = "ExpertParallel"
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError(f"{fn}: torch.distributed is not initialised; call torch.distributed.init_process_group first")
@@ -140,8 +140,10 @@ class ExpertParallel:
 
         ok_e, ok_s, ok_k = is_int(num_experts, 1), is_int(shadow, 0), is_int(chunks, 1)
         ok_c = capacity is None or is_int(capacity, 0)
+        policies = ("load", "bytes")
+        policy = policies.index(shadow_policy) if shadow_policy in policies else -2
         mine = torch.tensor([num_experts if ok_e else -2, (-1 if capacity is None else capacity) if ok_c else -2,
-                             shadow if ok_s else -2, chunks if ok_k else -2], dtype=torch.int64, device=self.device)
+                             shadow if ok_s else -2, chunks if ok_k else -2, policy], dtype=torch.int64, device=self.device)
         everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(everyone, mine, group=group)
         _checks.check_int(fn, "num_experts", num_experts, lo=1)
@@ -149,8 +151,9 @@ class ExpertParallel:
             _checks.check_int(fn, "capacity", capacity, lo=0)
         _checks.check_int(fn, "shadow", shadow, lo=0, hi=num_experts)
         _checks.check_int(fn, "chunks", chunks, lo=1)
-        seen_e, seen_c, seen_s, seen_k = torch.stack(everyone).t().tolist()
-        for name, seen in (("shadow", seen_s), ("chunks", seen_k)):
+        _checks.check_choice(fn, "shadow_policy", shadow_policy, policies)
+        seen_e, seen_c, seen_s, seen_k, seen_p = torch.stack(everyone).t().tolist()
+        for name, seen in (("shadow", seen_s), ("chunks", seen_k), ("shadow_policy", seen_p)):
             if len(set(seen)) > 1:
                 raise ValueError(f"{fn}: ranks disagree on {name} (rank i passed the i-th of {seen}, -2: invalid); "
                                  "every rank must pass the same one")
@@ -170,7 +173,7 @@ class ExpertParallel:
         self.num_local_experts = num_experts // self.world_size
         self.first_expert = self.rank * self.num_local_experts
         self.capacity = capacity
-        self.shadow, self.chunks = shadow, chunks
+        self.shadow, self.chunks, self.shadow_policy = shadow, chunks, shadow_policy
         self.last_traffic = None  # EPTraffic of the last experts() call
         self.backend = backend
         local = torch.arange(num_experts, dtype=torch.int32, device=self.device) - self.first_expert

@@ -5,7 +5,8 @@ smart scheduling of the expert-parallel layer.
   once, with one all-gather that replaces the dispatch's all-to-all of counts, so every rank knows the global load.
   The ``n`` most loaded experts (ties to the lower id; experts with no rows are never shadowed) have their weights
   broadcast from their owner to every rank, and every rank computes its own tokens for them locally; only the
-  other slots cross the links. In the backward, each shadowed expert's weight gradients are summed back to its
+  other slots cross the links. ``shadow_policy="bytes"`` shadows only experts whose rows from other ranks move more
+  bytes than their weights (:func:`shadow_pays`), FasterMoE's rule of shadowing where it pays. In the backward, each shadowed expert's weight gradients are summed back to its
   owner (one reduce per expert). Worth it when an expert's rows outweigh its weights: a hot expert.
 - **Smart scheduling** (``chunks=c``): this rank's tokens are split into ``c`` contiguous chunks; all dispatch
   all-to-alls are issued asynchronously, then for each chunk in turn the rank waits for its rows, runs the
@@ -28,14 +29,28 @@ from .gemm import grouped_gemm
 from .moe import fused_moe
 from .routing import permute, plan_routing, unpermute
 
-__all__ = ["faster_experts", "shadow_choice"]
+__all__ = ["faster_experts", "shadow_choice", "shadow_pays"]
 
 
-def shadow_choice(load: torch.Tensor, n: int) -> torch.Tensor:
+def shadow_choice(load: torch.Tensor, n: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
     """The ``n`` most loaded experts of a global load ``[E]``: ``[n]`` int64 ids, most loaded first, ties to the
-    lower id, -1 where fewer than ``n`` experts have any load. On the device (no sync)."""
-    order = torch.sort(-load.to(torch.int64), stable=True).indices[:n]  # [n]
+    lower id, -1 where fewer than ``n`` experts have any load (or are ``eligible [E]``). On the device (no sync)."""
+    load = load.to(torch.int64)
+    if eligible is not None:
+        load = torch.where(eligible, load, 0)
+    order = torch.sort(-load, stable=True).indices[:n]  # [n]
     return torch.where(load.index_select(0, order) > 0, order, -1)
+
+
+def shadow_pays(gathered: torch.Tensor, num_local: int, row_bytes: int, expert_bytes: int) -> torch.Tensor:
+    """``[E]`` bool: experts whose rows from other ranks (``gathered [W, c, E]`` counts) move more bytes than
+    broadcasting the expert: ``2 * rows * row_bytes > (W-1) * expert_bytes`` (dispatch and combine saved against the
+    broadcast; the backward doubles both sides). FasterMoE's cost model, with bytes for time."""
+    W, E = gathered.shape[0], gathered.shape[2]
+    owner = torch.arange(E, device=gathered.device) // num_local  # [E]
+    per_rank = gathered.sum(1)  # [W, E]
+    remote = per_rank.sum(0) - per_rank.gather(0, owner[None]).squeeze(0)  # [E] rows from non-owners
+    return 2 * remote * row_bytes > (W - 1) * expert_bytes
 
 
 def _global_rank(group, r: int) -> int:
@@ -165,7 +180,12 @@ def faster_experts(ep, hidden, w13, w2, topk_weights, topk_ids, activation, gate
     everyone = [torch.empty_like(counts) for _ in range(W)]
     dist.all_gather(everyone, counts.contiguous(), group=ep.group)
     gathered = torch.stack(everyone)  # [W, c, E]
-    shadowed = shadow_choice(gathered.sum((0, 1)), ep.shadow) if ep.shadow else counts.new_zeros(0)
+    params = [w13, w2] + [b for b in (w13_bias, w2_bias) if b is not None]
+    eligible = None
+    if ep.shadow_policy == "bytes":
+        eligible = shadow_pays(gathered, El, hidden.shape[1] * hidden.element_size(),
+                               sum(p[0].numel() for p in params) * w13.element_size())
+    shadowed = shadow_choice(gathered.sum((0, 1)), ep.shadow, eligible) if ep.shadow else counts.new_zeros(0)
     is_shadow = torch.zeros(E + 1, dtype=torch.bool, device=device)
     is_shadow[torch.where(shadowed >= 0, shadowed, E)] = True  # -1 (no expert) lands on the extra entry
     is_shadow = is_shadow[:E]
@@ -179,7 +199,6 @@ def faster_experts(ep, hidden, w13, w2, topk_weights, topk_ids, activation, gate
     recv_splits = [host[n + (c + i) * W:n + (c + i + 1) * W] for i in range(c)]
     recv_counts = mine.transpose(0, 1)  # [c, W, El]
 
-    params = [w13, w2] + [b for b in (w13_bias, w2_bias) if b is not None]
     out = None
     weight_elems = 0
     if chosen:

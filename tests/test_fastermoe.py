@@ -17,7 +17,7 @@ from test_distributed import _batch, _run_group
 H, I = 12, 10
 
 
-def _case(chk, rank, world, device, Ts, cfg, shadow, chunks, skew="uniform", seed=0):
+def _case(chk, rank, world, device, Ts, cfg, shadow, chunks, skew="uniform", seed=0, policy="load"):
     """The FasterMoE layer on this rank's tokens vs the plain EP layer and the single-process layer on all tokens."""
     cfg = dict(cfg)
     E, k = cfg.pop("num_experts"), cfg.pop("top_k")
@@ -32,7 +32,7 @@ def _case(chk, rank, world, device, Ts, cfg, shadow, chunks, skew="uniform", see
             ref.router.bias.zero_()
             ref.router.bias[-1] = 2.5
     plain = mk.MoE(H, I, E, k, dtype=torch.float64, device=device, router_bias=True, ep_group=dist.group.WORLD, **cfg)
-    ep = ExpertParallel(dist.group.WORLD, E, shadow=shadow, chunks=chunks)
+    ep = ExpertParallel(dist.group.WORLD, E, shadow=shadow, chunks=chunks, shadow_policy=policy)
     fast = mk.MoE(H, I, E, k, dtype=torch.float64, device=device, router_bias=True, ep_group=ep,
                   shadow_experts=shadow, **cfg)
     lo = rank * El
@@ -68,10 +68,18 @@ def _case(chk, rank, world, device, Ts, cfg, shadow, chunks, skew="uniform", see
         chk.close(f"grad {name} vs single process", grad, expected)
     t = ep.last_traffic
     if shadow:
-        load = torch.bincount(ref.route(x_all.detach())[2].reshape(-1).long(), minlength=E)
-        want = tuple(e for e in shadow_choice(load, shadow).tolist() if e >= 0)
-        chk.true("shadowed experts", t.shadowed == want, f"{t.shadowed} != {want}")
+        all_ids = ref.route(x_all.detach())[2].long()
+        load = torch.bincount(all_ids.reshape(-1), minlength=E)
         params = sum(p[0].numel() for n, p in fast.named_parameters() if n in ("w13", "w2", "b13", "b2"))
+        eligible = None
+        if policy == "bytes":  # rows from non-owners, both directions, against one broadcast per other rank
+            remote = torch.zeros(E, dtype=torch.int64)
+            for r, part in enumerate(all_ids.split(Ts)):
+                for e in part.reshape(-1).tolist():
+                    remote[e] += e // El != r
+            eligible = 2 * remote * H * 8 > (world - 1) * params * 8
+        want = tuple(e for e in shadow_choice(load, shadow, eligible).tolist() if e >= 0)
+        chk.true("shadowed experts", t.shadowed == want, f"{t.shadowed} != {want}")
         owned = sum(1 for e in want if e // El == rank)
         chk.true("weights broadcast", t.weight_elements_sent == owned * (world - 1) * params,
                  f"{t.weight_elements_sent} != {owned} * {world - 1} * {params}")
@@ -101,6 +109,9 @@ def _scenario_shadow_and_chunks(chk, rank, world, device):
           seed=4)
     chk.scenario = "zero tokens on every rank, shadow=2, chunks=2"
     _case(chk, rank, world, device, [0] * world, dict(num_experts=8, top_k=2), shadow=2, chunks=2, seed=5)
+    chk.scenario = "skewed, shadow=3 where it pays (shadow_policy='bytes'), 100 tokens"
+    _case(chk, rank, world, device, [30, 20, 40, 10][:world], dict(num_experts=2 * world, top_k=2), shadow=3, chunks=1,
+          skew="skewed", seed=7, policy="bytes")
     chk.scenario = "hierarchical routing, shadow=2, chunks=2"
     _case(chk, rank, world, device, Ts, dict(num_experts=8, top_k=2, routing="hierarchical", num_groups=4, topk_groups=2),
           shadow=2, chunks=2, skew="skewed", seed=6)
@@ -110,6 +121,8 @@ def _scenario_errors(chk, rank, world, device):
     chk.scenario = "FasterMoE errors"
     chk.raises("shadow with capacity", lambda: ExpertParallel(None, 2 * world, capacity=4, shadow=1), "exact path")
     chk.raises("ranks disagree on shadow", lambda: ExpertParallel(None, 2 * world, shadow=rank), "disagree on shadow")
+    chk.raises("bad shadow_policy", lambda: ExpertParallel(None, 2 * world, shadow=1, shadow_policy="time"),
+               "shadow_policy must be one of")
     chk.raises("ranks disagree on chunks", lambda: ExpertParallel(None, 2 * world, chunks=1 + rank), "disagree on chunks")
     chk.raises("shadow out of range", lambda: ExpertParallel(None, 2 * world, shadow=2 * world + 1),
                "must be in")
