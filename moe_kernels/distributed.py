@@ -113,6 +113,15 @@ class ExpertParallel:
     (``max_tokens``: the most tokens any rank passes) never drops; with distinct experts per token
     ``max_tokens * min(top_k, E/W)`` suffices.
 
+    FasterMoE (He et al., PPoPP 2022; :mod:`moe_kernels.fastermoe`), for :meth:`experts` on the exact path:
+    ``shadow=n`` broadcasts the ``n`` most loaded experts of each step (from the counts exchanged anyway, with one
+    all-gather instead of the counts all-to-all) to every rank, computes every rank's tokens for them locally and
+    sums their weight gradients back to the owner; ``shadow_policy="bytes"`` keeps only those whose rows from
+    other ranks outweigh their weights. ``chunks=c`` pipelines the dispatch all-to-all, the expert GEMMs and the
+    combine all-to-all over ``c`` chunks of tokens with asynchronous collectives. ``last_traffic``
+    (:class:`EPTraffic`) says what the last :meth:`experts` call sent. ``shadow``, ``chunks`` and ``shadow_policy``
+    must be equal on every rank (checked with the same all-gather).
+
     Every rank must call ``dispatch`` and ``combine`` (and their backward) in the same order, as with
     any collective; a rank with no tokens passes ``T = 0`` tensors.
 
