@@ -12,9 +12,11 @@ Public API (every function takes ``backend="auto" | "torch" | "triton" | "cuda"`
 - :func:`load_balancing_loss`, :func:`router_z_loss`, :func:`routing_stats`, :func:`update_correction_bias`
 - :class:`ExpertParallel` - expert parallelism: dispatch rows to the ranks owning their experts and combine back
 - :func:`backends` - which backends can run here, and why not
+- :func:`batch_invariant` - a mode in which a token's results do not depend on the batch size
 """
 
 from ._backends import BackendInfo, backends
+from .batch_invariance import batch_invariant, is_batch_invariant
 from .gating import (
     GatingStats,
     RoutingStats,
@@ -47,11 +49,13 @@ __all__ = [
     "RoutingStats",
     "activation",
     "backends",
+    "batch_invariant",
     "expert_choice_gating",
     "expert_choice_plan",
     "expert_counts",
     "fused_moe",
     "grouped_gemm",
+    "is_batch_invariant",
     "load_balancing_loss",
     "lora_moe",
     "permute",
