@@ -14,9 +14,11 @@ Public API (every function takes ``backend="auto" | "torch" | "triton" | "cuda"`
 - :class:`ExpertParallel` - expert parallelism: dispatch rows to the ranks owning their experts and combine back
   (FasterMoE shadowing and chunked pipelining: ``shadow``, ``chunks``)
 - :func:`backends` - which backends can run here, and why not
+- :func:`batch_invariant` - a mode in which a token's results do not depend on the batch size
 """
 
 from ._backends import BackendInfo, backends
+from .batch_invariance import batch_invariant, is_batch_invariant
 from .gating import (
     GatingStats,
     RoutingStats,
@@ -55,12 +57,14 @@ __all__ = [
     "RoutingStatsAccumulator",
     "activation",
     "backends",
+    "batch_invariant",
     "expert_choice_gating",
     "expert_choice_plan",
     "expert_counts",
     "fused_moe",
     "grouped_gemm",
     "hierarchical_gating",
+    "is_batch_invariant",
     "load_balancing_loss",
     "lora_moe",
     "permute",
