@@ -232,7 +232,17 @@ class ExpertParallel:
         Within one local expert, rows come by source rank, then token, then slot (deterministic).
         Differentiable in ``hidden``. ``backend`` (default: the constructor's) runs the plans and permutations.
         """
-        fn = "ExpertParallel.dispatch"
+        be = backend or self.backend
+        # Sending order: grouped by global expert, hence by destination rank (stable: token, then slot).
+        plan = plan_routing(self._check_rows("ExpertParallel.dispatch", hidden, topk_ids, topk_weights), self.num_experts,
+                            backend=be)
+        counts = plan.tokens_per_expert.to(torch.int64)  # [E]
+        if self.capacity is None:
+            return self._dispatch_exact(hidden, topk_weights, plan, counts, be)
+        return self._dispatch_capacity(hidden, topk_ids, topk_weights, plan, counts, be)
+
+    def _check_rows(self, fn, hidden, topk_ids, topk_weights) -> torch.Tensor:
+        """Check the arguments of a dispatch; returns ``topk_ids``."""
         f = _checks.FLOAT_DTYPES
         _checks.check_tensor(fn, "hidden", hidden, ndim=2, dtypes=f, layout="[T, H]")
         T = hidden.shape[0]
@@ -245,13 +255,7 @@ class ExpertParallel:
             raise ValueError(f"{fn}: the group's backend {dist.get_backend(self.group)} exchanges {self.device.type} "
                              f"tensors, got hidden on {device}")
         _checks.check_ids_in_range(fn, "topk_ids", topk_ids, self.num_experts)
-        # Sending order: grouped by global expert, hence by destination rank (stable: token, then slot).
-        be = backend or self.backend
-        plan = plan_routing(topk_ids, self.num_experts, backend=be)
-        counts = plan.tokens_per_expert.to(torch.int64)  # [E]
-        if self.capacity is None:
-            return self._dispatch_exact(hidden, topk_weights, plan, counts, be)
-        return self._dispatch_capacity(hidden, topk_ids, topk_weights, plan, counts, be)
+        return topk_ids
 
     def _dispatch_exact(self, hidden, topk_weights, plan, counts, be):
         W, El = self.world_size, self.num_local_experts
@@ -358,6 +362,7 @@ class ExpertParallel:
         if self.shadow or self.chunks > 1:
             from .fastermoe import faster_experts
 
+            self._check_rows(fn, hidden, topk_ids, topk_weights)
             out, self.last_traffic = faster_experts(self, hidden, w13, w2, topk_weights, topk_ids, activation, gated,
                                                     w13_bias, w2_bias, be)
             return out

@@ -60,39 +60,34 @@ def _global_rank(group, r: int) -> int:
 class _Shadow(torch.autograd.Function):
     """Broadcast the shadowed experts' weights from their owners; backward: reduce their gradients to the owners.
 
-    ``info = (ep, shadowed)`` with at least one shadowed expert; ``params``: this rank's local expert tensors ``[E/W, ...]`` (w13, w2, biases); returns one ``[n, ...]`` stack per
-    tensor. Every rank takes part (the local tensors are inputs everywhere), so every rank runs the backward."""
+    ``info = (ep, shadowed)`` with at least one shadowed expert; ``params``: this rank's local expert tensors
+    ``[E/W, ...]`` (w13, w2, biases); returns one ``[n, ...]`` stack per tensor. Every rank takes part (the local
+    tensors are inputs everywhere), so every rank runs the backward."""
 
     @staticmethod
     def forward(ctx, info, *params):
         ep, shadowed = info
         ctx.info = info
-        sizes = [p[0].numel() for p in params]
-        out = []
-        for e in shadowed:
+        out = [p.new_empty(len(shadowed), *p.shape[1:]) for p in params]  # one tensor per dtype: biases may differ
+        for i, e in enumerate(shadowed):
             owner, local = divmod(e, ep.num_local_experts)
-            if owner == ep.rank:
-                flat = torch.cat([p[local].reshape(-1) for p in params])
-            else:
-                flat = _alloc.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
-            dist.broadcast(flat, _global_rank(ep.group, owner), group=ep.group)
-            out.append(flat)
-        flat = torch.stack(out)  # [n, sum sizes]
-        return tuple(t.reshape(len(shadowed), *p.shape[1:]).clone() for t, p in zip(flat.split(sizes, 1), params))
+            for o, p in zip(out, params):
+                if owner == ep.rank:
+                    o[i] = p[local]
+                dist.broadcast(o[i], _global_rank(ep.group, owner), group=ep.group)  # o[i] is contiguous
+        return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads):
         ep, shadowed = ctx.info
-        flat = torch.cat([g.reshape(len(shadowed), -1) for g in grads], 1)  # [n, sum sizes]
-        sizes = [g[0].numel() for g in grads]
         out = [g.new_zeros(ep.num_local_experts, *g.shape[1:]) for g in grads]
         for i, e in enumerate(shadowed):
             owner, local = divmod(e, ep.num_local_experts)
-            g = flat[i].contiguous()
-            dist.reduce(g, _global_rank(ep.group, owner), op=dist.ReduceOp.SUM, group=ep.group)
-            if owner == ep.rank:
-                for o, part in zip(out, g.split(sizes)):
-                    o[local] = part.view(o.shape[1:])
+            for o, g in zip(out, grads):
+                part = g[i].contiguous()
+                dist.reduce(part, _global_rank(ep.group, owner), op=dist.ReduceOp.SUM, group=ep.group)
+                if owner == ep.rank:
+                    o[local] = part
         return (None, *out)
 
 

@@ -126,7 +126,14 @@ def _scenario_errors(chk, rank, world, device):
     chk.raises("ranks disagree on chunks", lambda: ExpertParallel(None, 2 * world, chunks=1 + rank), "disagree on chunks")
     chk.raises("shadow out of range", lambda: ExpertParallel(None, 2 * world, shadow=2 * world + 1),
                "must be in")
-    ep = ExpertParallel(None, 2 * world, shadow=1)
+    ep = ExpertParallel(None, 2 * world, shadow=1, chunks=2)
+    w13, w2 = torch.randn(2, 16, 8, dtype=torch.float64), torch.randn(2, 8, 8, dtype=torch.float64)
+    chk.raises("bad topk_ids on the FasterMoE path", lambda: ep.experts(
+        torch.randn(3, 8, dtype=torch.float64), w13, w2, torch.rand(3, 2), torch.zeros(4, 2, dtype=torch.int32)),
+        "topk_ids must have shape")
+    chk.raises("out-of-range ids on the FasterMoE path", lambda: ep.experts(
+        torch.randn(3, 8, dtype=torch.float64), w13, w2, torch.rand(3, 2), torch.full((3, 2), 2 * world, dtype=torch.int32)),
+        "topk_ids")
     chk.raises("MoE shadow differs from its ExpertParallel", lambda: mk.MoE(8, 8, 2 * world, 2, ep_group=ep, shadow_experts=2),
                "shadow")
 
