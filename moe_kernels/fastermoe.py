@@ -120,9 +120,8 @@ class _Pipeline(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, info, send_rows, *params):
-        ep, send, recv, recv_counts, cfg = info
+        ep, send, recv, recv_counts, cfg, grad = info  # grad: a backward will follow (no graphs at inference)
         group = ep.group
-        grad = any(ctx.needs_input_grad)
         chunks = send_rows.split([sum(s) for s in send])
         inbox = [_a2a_async(c, r, s, group) for c, r, s in zip(chunks, recv, send)]  # every dispatch in flight
         graphs, outbox = [], []
@@ -141,7 +140,7 @@ class _Pipeline(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        ep, send, recv, _, _ = ctx.info
+        ep, send, recv, _, _, _ = ctx.info
         group = ep.group
         chunks = grad_out.split([sum(s) for s in send])
         inbox = [_a2a_async(g, r, s, group) for g, r, s in zip(chunks, recv, send)]  # output grads to the experts
@@ -215,7 +214,8 @@ def faster_experts(ep, hidden, w13, w2, topk_weights, topk_ids, activation, gate
     plans = [plan_routing(i, E, backend=be) for i in ids_ep]
     rows = [permute(hidden[bounds[i]:bounds[i + 1]], p, backend=be)[: sum(send_splits[i])] for i, p in enumerate(plans)]
     cfg = (activation, gated, w13_bias is not None, w2_bias is not None, be)
-    back = _Pipeline.apply((ep, send_splits, recv_splits, recv_counts, cfg), torch.cat(rows), *params)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, *params))
+    back = _Pipeline.apply((ep, send_splits, recv_splits, recv_counts, cfg, grad), torch.cat(rows), *params)
     parts = back.split([sum(s) for s in send_splits])
     outs = []
     for i, (p, b) in enumerate(zip(plans, parts)):

@@ -52,6 +52,8 @@ def _case(chk, rank, world, device, Ts, cfg, shadow, chunks, skew="uniform", see
         y.backward(gs[rank])
         outs[name] = (y, x.grad, moe)
     y, gx, _ = outs["fast"]
+    with torch.no_grad():  # inference: the same output, no graphs kept
+        chk.close("output under no_grad", fast(xs[rank]), y)
     chk.close("output vs plain EP", y, outs["plain"][0])
     chk.close("output vs single process", y, ref(x_all)[mine])
     chk.close("grad input vs plain EP", gx, outs["plain"][1])
