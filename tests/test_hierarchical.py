@@ -113,3 +113,17 @@ def test_hierarchical_layer_forward_backward_matches_plain(cfg):
     for n, t in moe.named_parameters():
         assert_close(f"grad {n}", t.grad, p[n].grad, rms_tol=TOL)
     assert moe.group_router.weight.grad.abs().sum() > 0 and moe.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_hierarchical_gating_on_the_fast_gating_backends(backend, device):
+    if not mk.backends()[backend].available:
+        pytest.skip(mk.backends()[backend].reason)
+    gl, el = torch.randn(13, 3, device=device), torch.randn(13, 15, device=device)  # 5 experts per group
+    try:
+        w, ids = hierarchical_gating(gl, el, 4, 2, renormalize=True, backend=backend)
+    except ValueError as exc:  # the backend refuses these inputs (it says why)
+        pytest.skip(str(exc))
+    w_ref, ids_ref = plain_gating(gl.cpu(), el.cpu(), 4, 2, True)
+    assert torch.equal(ids.long().cpu(), ids_ref)
+    assert_close(f"{backend} weights", w, w_ref, rms_tol=1e-6)
