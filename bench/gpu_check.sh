@@ -116,7 +116,7 @@ step build 150 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MOE_KERN
 pytest_q() { python -m pytest -q -p no:cacheprovider -o addopts="" "$@"; }
 
 step kernels 100 pytest_q -x -n "$workers" tests/test_gemm_kernels.py tests/test_permute_kernels.py \
-  tests/test_gating_kernels.py tests/test_expert_choice.py tests/test_nan_propagation.py tests/test_launch.py \
+  tests/test_gating_kernels.py tests/test_expert_choice.py tests/test_nan_propagation.py tests/test_launch.py tests/test_cuda_fixes.py \
   --junitxml="$out/kernels.xml"
 step compile_graphs_invariance 70 pytest_q -n "$workers" tests/test_batch_invariance.py \
   tests/test_gemm_kernels.py tests/test_lora.py tests/test_gating_kernels.py tests/test_routing.py \
@@ -126,10 +126,10 @@ step rest_of_suite 60 pytest_q -n "$workers" tests --junitxml="$out/suite.xml" \
   --ignore=tests/test_gating_kernels.py --ignore=tests/test_expert_choice.py --ignore=tests/test_nan_propagation.py
 step memcheck 50 compute-sanitizer --tool memcheck --error-exitcode 9 \
   python -m pytest -q -x -p no:cacheprovider tests/test_gemm_kernels.py tests/test_permute_kernels.py \
-  tests/test_gating_kernels.py -k "cuda and not compile and not graph"
+  tests/test_gating_kernels.py tests/test_cuda_fixes.py tests/test_nan_propagation.py -k "cuda and not compile and not graph"
 step racecheck 25 compute-sanitizer --tool racecheck --error-exitcode 9 \
-  python -m pytest -q -x -p no:cacheprovider tests/test_gemm_kernels.py tests/test_gating_kernels.py \
-  -k "cuda and not compile and not graph and (small or 257)"
+  python -m pytest -q -x -p no:cacheprovider tests/test_gemm_kernels.py tests/test_gating_kernels.py tests/test_cuda_fixes.py \
+  -k "cuda and not compile and not graph and (small or 257 or k0)"
 step bench_main 75 python -m bench main --quick --out "$out"
 
 echo "wrote $out (summary: $summary), $(($(date +%s) - start)) s"

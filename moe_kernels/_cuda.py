@@ -9,20 +9,27 @@ from __future__ import annotations
 import torch
 
 from . import _backends, ops
+from .batch_invariance import is_batch_invariant
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.moe_kernels.*_cuda)
 except ImportError:
     _C = None
 
+MAX_COUNT_EXPERTS = 12288  # the CUDA histogram keeps E int32 counters in 48 KB of shared memory
+
+
+def _counts_supports(topk_ids, num_experts=None, *args, **kwargs):
+    if num_experts is not None and num_experts > MAX_COUNT_EXPERTS:
+        return f"the cuda histogram serves E <= {MAX_COUNT_EXPERTS}, got {num_experts}"
+    return None
+
+
 if _C is not None:
 
     @torch.library.register_fake("moe_kernels::expert_counts_cuda")
     def _(topk_ids, num_experts):
         return topk_ids.new_empty(num_experts, dtype=torch.int32)
-
-    def _counts_supports(topk_ids, *args, **kwargs):
-        return None
 
     _backends.register("expert_counts", "cuda", _counts_supports)(torch.ops.moe_kernels.expert_counts_cuda.default)
 
@@ -99,6 +106,8 @@ if _C is not None:
 
     def _decode_supports(hidden, w13, w2, *args, **kwargs):
         """The decode path: inference, few rows per expert, K-contiguous weights."""
+        if is_batch_invariant():  # one kernel (and config) for every batch size: the triton kernel
+            return "batch-invariant mode: the triton kernel serves every batch size"
         if hidden.dtype == torch.float64:
             return "float64 inputs are served by the torch backend only"
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, w13, w2) + args):

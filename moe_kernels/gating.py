@@ -141,7 +141,7 @@ def expert_counts(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "a
     _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, layout="[T, k]")
     _checks.check_int(fn, "num_experts", num_experts, lo=1)
     _checks.check_ids_in_range(fn, "topk_ids", topk_ids, num_experts)
-    return _backends.select(fn, backend, topk_ids.device, topk_ids)(topk_ids, num_experts)
+    return _backends.select(fn, backend, topk_ids.device, topk_ids, num_experts)(topk_ids, num_experts)
 
 
 def load_balancing_loss(
