@@ -42,8 +42,11 @@ def _load(path: str) -> dict[int, dict] | None:
 
 
 def default_config(M: int, N: int, K: int, E: int, dtype: torch.dtype) -> dict:
-    """Good-everywhere heuristics: small row tiles for decode (few rows per expert), large for prefill."""
-    rows = max(1, M // max(E, 1))  # average rows per expert
+    """Good-everywhere heuristics: small row tiles for decode (few rows per expert), large for prefill.
+
+    The token count enters only through the bucket of rows per expert (<= 16, <= 32, <= 256, more):
+    under torch.compile with a dynamic token count that is one graph per bucket, never one per size."""
+    rows = M // max(E, 1)  # average rows per expert; the buckets below are the only dependence on M
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 256 else 128
     bn = min(128, max(16, next_pow2(N)))
     bk = min(128 if bm <= 32 else 64, max(16, next_pow2(K)))
