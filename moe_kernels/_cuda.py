@@ -25,6 +25,14 @@ def _counts_supports(topk_ids, num_experts=None, *args, **kwargs):
     return None
 
 
+def gating_backward_op():
+    """The backward of the CUDA gating op, chosen when it runs (not at import, when the Triton op may not
+    be registered yet): the Triton kernel where the triton backend is available, else the reference op."""
+    if hasattr(torch.ops.moe_kernels, "topk_gating_backward_triton") and _backends.backends()["triton"].available:
+        return torch.ops.moe_kernels.topk_gating_backward_triton.default
+    return torch.ops.moe_kernels.topk_gating_backward.default
+
+
 if _C is not None:
 
     @torch.library.register_fake("moe_kernels::expert_counts_cuda")
@@ -34,17 +42,11 @@ if _C is not None:
     _backends.register("expert_counts", "cuda", _counts_supports)(torch.ops.moe_kernels.expert_counts_cuda.default)
 
     @torch.library.register_fake("moe_kernels::topk_gating_cuda")
-    def _(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor):
+    def _(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, group_n):
         T = logits.shape[0]
         return logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, dtype=torch.int32)
 
-    def _gating_backward_op():
-        """The fastest available backward: the Triton kernel, else the reference op."""
-        if hasattr(torch.ops.moe_kernels, "topk_gating_backward_triton") and _backends.backends()["triton"].available:
-            return torch.ops.moe_kernels.topk_gating_backward_triton.default
-        return torch.ops.moe_kernels.topk_gating_backward.default
-
-    _bwd, _setup = ops.gating_autograd(_gating_backward_op())
+    _bwd, _setup = ops.gating_autograd(lambda *args: gating_backward_op()(*args))
     torch.library.register_autograd("moe_kernels::topk_gating_cuda", _bwd, setup_context=_setup)
     _GATING = torch.ops.moe_kernels.topk_gating_cuda.default
 
@@ -60,8 +62,9 @@ if _C is not None:
         return None
 
     @_backends.register("topk_gating", "cuda", _gating_supports)
-    def _topk_gating_cuda(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling, with_stats):
-        w, ids = _GATING(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling)
+    def _topk_gating_cuda(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling, with_stats,
+                          group_n):
+        w, ids = _GATING(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling, group_n)
         return w, ids, ids.new_empty(0), w.new_empty(0)
 
     # ----- routing plan, permute, unpermute, slot dots -----------------------------------------------

@@ -51,10 +51,10 @@ if _gating is not None:
     @triton_op("moe_kernels::topk_gating_triton", mutates_args=())
     def topk_gating_triton(
         logits: Tensor, correction_bias: Optional[Tensor], top_k: int, scoring: str, renormalize: bool,
-        num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool,
+        num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool, group_n: int,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         return _gating.topk_gating(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups,
-                                   scaling_factor, with_stats, launch=_LAUNCH, empty=_empty)
+                                   scaling_factor, with_stats, group_n, launch=_LAUNCH, empty=_empty)
 
     @triton_op("moe_kernels::topk_gating_backward_triton", mutates_args=())
     def topk_gating_backward_triton(

@@ -13,7 +13,7 @@ from .gating import expert_choice_gating, load_balancing_loss, router_z_loss, ro
 from .gemm import grouped_gemm
 from .moe import activation, fused_moe
 from .routing import expert_choice_plan, permute, unpermute
-from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
+from .reference import GATED_ACTIVATIONS, GROUP_SCORES, PLAIN_ACTIVATIONS, SCORINGS
 
 
 class SharedExpert(nn.Module):
@@ -39,7 +39,8 @@ class MoE(nn.Module):
     ``correction_bias [E]`` (fp32, with ``correction_bias=True``), ``shared.{gate,up,down}_proj`` and
     ``shared_gate`` (``Linear(H, 1)``, its sigmoid scales the shared output as in Qwen2-MoE).
 
-    The router runs in fp32. ``forward(x [..., H]) -> [..., H]``; afterwards ``last_stats`` holds a
+    The router runs in fp32; ``scoring``, ``renormalize``, ``num_groups``, ``topk_groups``, ``group_score``
+    and ``scaling_factor`` are those of :func:`topk_gating`. ``forward(x [..., H]) -> [..., H]``; afterwards ``last_stats`` holds a
     :class:`RoutingStats` and ``aux_loss`` ``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss``
     (add it to the training loss). ``capacity_factor`` sets each expert's capacity to
     ``ceil(capacity_factor * T * k / E)`` slots.
@@ -71,6 +72,7 @@ class MoE(nn.Module):
         renormalize: bool = True,
         num_groups: int = 1,
         topk_groups: int = 1,
+        group_score: str | None = None,
         scaling_factor: float = 1.0,
         correction_bias: bool = False,
         router_bias: bool = False,
@@ -94,7 +96,9 @@ class MoE(nn.Module):
             _checks.check_int(fn, name, v, lo=1)
         _checks.check_int(fn, "top_k", top_k, lo=1, hi=num_experts)
         _checks.check_int(fn, "shared_intermediate_size", shared_intermediate_size, lo=0)
-        _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+        _checks.check_choice(fn, "scoring", scoring, SCORINGS)
+        if group_score is not None:
+            _checks.check_choice(fn, "group_score", group_score, GROUP_SCORES)
         _checks.check_choice(fn, "routing", routing, ("topk", "expert_choice"))
         _checks.check_choice(fn, "activation", activation, GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS)
         if num_experts % num_groups or topk_groups > num_groups or topk_groups * (num_experts // num_groups) < top_k:
@@ -106,7 +110,7 @@ class MoE(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
         self.scoring, self.renormalize, self.scaling_factor = scoring, renormalize, scaling_factor
-        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.num_groups, self.topk_groups, self.group_score = num_groups, topk_groups, group_score
         self.activation, self.gated = activation, gated
         self.capacity_factor, self.aux_loss_coef, self.z_loss_coef = capacity_factor, aux_loss_coef, z_loss_coef
         self.routing = routing
@@ -156,7 +160,8 @@ class MoE(nn.Module):
         out = topk_gating(
             logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
             correction_bias=self.correction_bias, num_groups=self.num_groups, topk_groups=self.topk_groups,
-            scaling_factor=self.scaling_factor, return_stats=bool(self.aux_loss_coef), backend=self.backend,
+            group_score=self.group_score, scaling_factor=self.scaling_factor, return_stats=bool(self.aux_loss_coef),
+            backend=self.backend,
         )
         return (logits, *out) if self.aux_loss_coef else (logits, *out, None)
 

@@ -23,14 +23,16 @@ from . import reference as ref
 @custom_op("moe_kernels::topk_gating", mutates_args=())
 def topk_gating(
     logits: Tensor, correction_bias: Optional[Tensor], top_k: int, scoring: str, renormalize: bool,
-    num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool,
+    num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool, group_n: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    w, ids = ref.topk_gating(logits, top_k, scoring, renormalize, correction_bias, num_groups, topk_groups, scaling_factor)
+    w, ids = ref.topk_gating(logits, top_k, scoring, renormalize, correction_bias, num_groups, topk_groups, scaling_factor,
+                             group_n)
     counts, sums = ref.gating_stats(logits, ids, scoring) if with_stats else (ids.new_empty(0), w.new_empty(0))
     return w, ids, counts, sums
 
 
-def gating_fake(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, with_stats):
+def gating_fake(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, with_stats,
+                group_n):
     T, E = logits.shape
     n = E if with_stats else 0
     f = ref.acc_dtype(logits.dtype)
