@@ -108,6 +108,14 @@ if _gating is not None:
 
     _backends.register("plan_routing", "triton", _plan_supports)(torch.ops.moe_kernels.plan_routing_triton.default)
 
+    @triton_op("moe_kernels::capacity_drop_triton", mutates_args=())
+    def capacity_drop_triton(topk_ids: Tensor, num_experts: int, capacity: int, drop_policy: str,
+                             topk_weights: Optional[Tensor], expert_map: Optional[Tensor]) -> Tensor:
+        return _plan.capacity_drop(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map,
+                                   launch=wrap_triton, empty=_empty)
+
+    _backends.register("capacity_drop", "triton", _plan_supports)(torch.ops.moe_kernels.capacity_drop_triton.default)
+
     @triton_op("moe_kernels::grouped_gemm_triton", mutates_args=())
     def grouped_gemm_triton(x: Tensor, w: Tensor, expert_offsets: Tensor, bias: Optional[Tensor],
                             sorted_slots: Optional[Tensor], trans_w: bool) -> Tensor:

@@ -136,11 +136,13 @@ def expert_choice_gating(
 
 
 def expert_counts(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "auto") -> torch.Tensor:
-    """Slots routed to each expert, ``[E]`` int32; ids of -1 (dropped) are not counted."""
+    """Slots routed to each expert, ``[E]`` int32; ids outside ``[0, E)`` (-1, sentinels: dropped slots)
+    are not counted. ``topk_ids`` [T, k] of any integer dtype."""
     fn = "expert_counts"
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, layout="[T, k]")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, layout="[T, k]")
+    _checks.check_top_k(fn, "topk_ids", topk_ids)
     _checks.check_int(fn, "num_experts", num_experts, lo=1)
-    _checks.check_ids_in_range(fn, "topk_ids", topk_ids, num_experts)
+    _checks.check_expert_ids(fn, "topk_ids", topk_ids, num_experts)
     return _backends.select(fn, backend, topk_ids.device, topk_ids)(topk_ids, num_experts)
 
 
@@ -170,7 +172,7 @@ def load_balancing_loss(
     if logits is None or topk_ids is None or num_experts is None:
         raise ValueError(f"{fn}: give either logits, topk_ids and num_experts, or stats")
     _checks.check_tensor(fn, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(logits.shape[0], None), layout="[T, k]")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(logits.shape[0], None), layout="[T, k]")
     _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
     _checks.check_same_device(fn, logits=logits, topk_ids=topk_ids)
     if logits.shape[1] != num_experts:

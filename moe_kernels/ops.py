@@ -173,6 +173,19 @@ def plan_fake(topk_ids, num_experts, block_size, capacity, expert_map):
     )
 
 
+@custom_op("moe_kernels::capacity_drop", mutates_args=())
+def capacity_drop(
+    topk_ids: Tensor, num_experts: int, capacity: int, drop_policy: str, topk_weights: Optional[Tensor],
+    expert_map: Optional[Tensor],
+) -> Tensor:
+    return ref.capacity_drop(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map)
+
+
+@capacity_drop.register_fake
+def capacity_drop_fake(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map):
+    return topk_ids.new_empty(topk_ids.shape, dtype=torch.int32)
+
+
 @custom_op("moe_kernels::permute", mutates_args=())
 def permute(x: Tensor, sorted_slots: Tensor, slot_to_row: Tensor, top_k: int, row_weights: Optional[Tensor]) -> Tensor:
     return ref.permute(x, sorted_slots, top_k, row_weights)
