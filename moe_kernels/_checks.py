@@ -42,7 +42,17 @@ def check_size(fn: str, name: str, value, *, lo: int, what: str = "") -> None:
     if known_true(value < lo):
         raise ValueError(f"{fn}: {name} must be >= {lo}{what}, got {value}")
     if not isinstance(value, int):  # symbolic: checked when the graph runs
-        torch._check(value >= lo, lambda: f"{fn}: {name} must be >= {lo}{what}")
+        check_symbolic(value >= lo, f"{fn}: {name} must be >= {lo}{what}")
+
+
+def check_symbolic(cond, message: str) -> None:
+    """A runtime assertion on a (symbolic) condition; ``message`` a plain string (torch.compile
+    records it with the graph)."""
+    if isinstance(cond, bool):
+        if not cond:
+            raise ValueError(message)
+        return
+    torch._check(cond, lambda: message)
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -79,7 +89,7 @@ def check_tensor(
             raise ValueError(msg())
         for s, d in zip(shape, t.shape):
             if s is not None and not isinstance(s == d, bool):  # symbolic: checked when the graph runs
-                torch._check(s == d, msg)
+                check_symbolic(s == d, f"{fn}: {name} must have shape {layout or 'as documented'}")
     return t
 
 

@@ -137,6 +137,10 @@ if _gating is not None:
         return _no_fp64(x)
 
     _backends.register("grouped_gemm", "triton", _gemm_supports)(torch.ops.moe_kernels.grouped_gemm_triton.default)
+    _bwd, _setup = ops.wgrad_autograd(grouped_gemm_triton)
+    grouped_gemm_wgrad_triton.register_autograd(_bwd, setup_context=_setup)
+    _backends.register("grouped_gemm_wgrad", "triton", _gemm_supports)(
+        torch.ops.moe_kernels.grouped_gemm_wgrad_triton.default)
 
     def _moe_plan(topk_ids, num_experts, capacity, expert_map, kw):
         return _plan.plan_routing(topk_ids, num_experts, 1, capacity, expert_map, **kw)

@@ -313,6 +313,29 @@ def gemm_autograd(gemm_op, wgrad_op, segment_sum_op):
 _bwd, _setup = gemm_autograd(grouped_gemm, grouped_gemm_wgrad, segment_sum)
 grouped_gemm.register_autograd(_bwd, setup_context=_setup)
 
+
+def wgrad_autograd(gemm_op):
+    """``(backward, setup_context)`` of one backend's grouped_gemm_wgrad op ``(a, b, expert_offsets,
+    sorted_slots)`` -> ``[E, A, B]``: ``da[r] = b[r] @ g[e].T`` and ``db[r] = a[r] @ g[e]``, both the
+    grouped GEMM (zero on rows outside the segments and on padding rows, which did not count)."""
+
+    def setup_context(ctx, inputs, output):
+        a, b, offsets, sorted_slots = inputs
+        ctx.save_for_backward(a, b, offsets, sorted_slots)
+
+    def backward(ctx, grad):
+        a, b, offsets, sorted_slots = ctx.saved_tensors
+        g = grad.to(a.dtype)
+        ga = gemm_op(b, g, offsets, None, sorted_slots, True) if ctx.needs_input_grad[0] else None
+        gb = gemm_op(a, g, offsets, None, sorted_slots, False) if ctx.needs_input_grad[1] else None
+        return ga, gb, None, None
+
+    return backward, setup_context
+
+
+_bwd, _setup = wgrad_autograd(grouped_gemm)
+grouped_gemm_wgrad.register_autograd(_bwd, setup_context=_setup)
+
 # ----- activation ------------------------------------------------------------------------------------
 
 

@@ -174,7 +174,7 @@ def plan_routing(
     rows = T * k + num_experts * (block_size - 1)
     if _checks.known_true(rows >= 2**31):
         raise ValueError(f"{fn}: T*k + E*(block_size-1) = {rows} rows overflow int32 row indices")
-    torch._check(rows < 2**31, lambda: f"{fn}: T*k + E*(block_size-1) = {rows} rows overflow int32 row indices")
+    _checks.check_symbolic(rows < 2**31, f"{fn}: T*k + E*(block_size-1) rows overflow int32 row indices")
     if capacity is not None and drop_policy != "gshard":
         topk_ids = _capacity_drop(fn, topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map, backend)
         capacity = None
