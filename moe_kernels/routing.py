@@ -72,12 +72,10 @@ class RoutingPlan:
         M = S + E * (bs - 1)
         if pad_sorted_ids:
             M = (M + bs - 1) // bs * bs
-        if S < E:
-            M = min(S * bs, M)
-        rows = self.sorted_slots[:M]  # rows past M are unused: M covers every row in use
+        M = torch.sym_min(S * bs, M)  # vLLM's shrink when T*k < E; no-op otherwise (then S*bs >= M)
+        # Rows past M are unused (M covers every row in use); rows missing up to M are padding.
+        rows = torch.cat([self.sorted_slots, self.sorted_slots.new_full((M,), -1)])[:M]
         sorted_token_ids = torch.where(rows >= 0, rows, S)
-        if rows.shape[0] < M:
-            sorted_token_ids = torch.cat([sorted_token_ids, rows.new_full((M - rows.shape[0],), S)])
         num_blocks = (M + bs - 1) // bs
         starts = torch.arange(num_blocks, device=rows.device, dtype=torch.int32) * bs
         experts = torch.searchsorted(self.expert_offsets[1:].contiguous(), starts, right=True).to(torch.int32)
@@ -206,9 +204,7 @@ def _capacity_drop(fn, topk_ids, num_experts, capacity, drop_policy, topk_weight
 def _with_num_rows(plan: RoutingPlan, n: int) -> RoutingPlan:
     """``plan`` with exactly ``n`` permuted rows: rows from ``n`` on are dropped (their slots leave the plan),
     missing rows are padding (TE's ``num_out_tokens``)."""
-    slots = plan.sorted_slots[:n]
-    if slots.shape[0] < n:
-        slots = torch.cat([slots, slots.new_full((n - slots.shape[0],), -1)])
+    slots = torch.cat([plan.sorted_slots, plan.sorted_slots.new_full((n,), -1)])[:n]  # no branch on P
     offsets = plan.expert_offsets.clamp(max=n)
     ends = torch.minimum(plan.expert_offsets[:-1] + plan.tokens_per_expert, offsets[1:])
     tokens = (ends - offsets[:-1]).clamp(min=0)

@@ -86,6 +86,45 @@ def test_empty_batch_gradients_connected():
         assert p.grad is not None, name
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_gradients_every_backend(backend):
+    backend_or_skip(backend)
+    E, k, H, I = 3, 2, 8, 4
+    ids = torch.empty(0, k, dtype=torch.int16)
+    hidden = torch.randn(0, H, requires_grad=True)
+    w13 = torch.randn(E, 2 * I, H, requires_grad=True)
+    w2 = torch.randn(E, H, I, requires_grad=True)
+    tw = torch.rand(0, k, requires_grad=True)
+    out = mk.fused_moe(hidden, w13, w2, tw, ids, backend=backend)
+    assert out.shape == (0, H)
+    out.sum().backward()
+    for t in (hidden, w13, w2, tw):
+        assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
+    plan = mk.plan_routing(ids, E, block_size=2, backend=backend)
+    x = torch.randn(0, H, requires_grad=True)
+    w = torch.rand(0, k, requires_grad=True)
+    xs, rw = mk.permute(x, plan, topk_weights=w, backend=backend)
+    y = mk.unpermute(xs * 2, plan, w, backend=backend)
+    (y.sum() + rw.sum()).backward()
+    assert x.grad is not None and w.grad is not None
+    base = torch.randn(5, H, requires_grad=True)
+    la = torch.randn(E, 2, H, requires_grad=True)
+    lb = torch.randn(E, 5, 2, requires_grad=True)
+    lw = torch.rand(0, k, requires_grad=True)
+    mk.lora_moe(x.detach().requires_grad_(), base, la, lb, lw, ids, backend=backend).sum().backward()
+    for t in (base, la, lb, lw):
+        assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_empty_batch_expert_choice_gradients():
+    logits = torch.randn(0, 4, requires_grad=True)
+    weights, tokens = mk.expert_choice_gating(logits, 2)
+    plan, slot_weights = mk.expert_choice_plan(tokens, weights, 0)
+    y = mk.unpermute(torch.randn(plan.num_rows, 3), plan, slot_weights)
+    (y.sum() + slot_weights.sum() + weights.sum()).backward()
+    assert logits.grad is not None and logits.grad.shape == (0, 4)
+
+
 @pytest.mark.parametrize("call", ["plan_routing", "fused_moe", "expert_counts", "lora_moe", "load_balancing_loss"])
 def test_k_zero_rejected_at_the_first_op(call):
     """topk_ids [T, 0] is a ValueError naming topk_ids, consistently, before anything runs."""
@@ -302,14 +341,17 @@ def test_drop_policy_refused_by_the_cuda_plan_with_a_reason():
     mk.plan_routing(ids, 4, capacity=1, drop_policy="position", backend="auto")  # auto falls back
 
 
-def test_drop_policy_with_expert_map():
+@pytest.mark.parametrize("backend", PLAN_BACKENDS)
+def test_drop_policy_with_expert_map(backend):
+    backend_or_skip(backend)
     E_global, E = 6, 3
     emap = torch.tensor([-1, 0, 1, -1, 2, -1], dtype=torch.int32)
     g = random_ids(11, 2, E_global)
     local = torch.where(g >= 0, emap.long()[g.long().clamp(min=0)], -1)
     w = torch.rand(11, 2)
     for policy in ("position", "probs"):
-        plan = mk.plan_routing(g, E, capacity=2, drop_policy=policy, topk_weights=w, expert_map=emap)
+        plan = mk.plan_routing(g.to(torch.int16), E, capacity=2, drop_policy=policy, topk_weights=w, expert_map=emap,
+                               backend=backend)
         assert torch.equal(plan.slot_to_row.view(11, 2) >= 0, megatron_kept(local, w, E, 2, policy))
 
 
@@ -514,6 +556,20 @@ def test_vllm_view_matches_moe_align_block_size(T, k, E, block, pad, backend):
     assert got == per_expert_sets(ref_sorted, ref_experts, block, int(ref_n), T * k)
     assert torch.equal(sorted_ids[int(n_post):], ref_sorted[int(ref_n):])
     assert torch.equal(sorted_ids, ref_sorted)  # ours is stable by slot, which vLLM's golden also gives
+
+
+def test_vllm_view_compiles_without_guards_on_tokens():
+    E, block = 8, 4
+
+    def f(ids):
+        plan = mk.plan_routing(ids, E, block_size=block, backend="torch")
+        return plan.vllm_view(pad_sorted_ids=True) + plan.vllm_permute_view(ids)
+
+    g = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T in (1, 3, 17):  # T*k < E and T*k >= E
+        ids = random_ids(T, 2, E)
+        for a, b in zip(g(ids), f(ids)):
+            assert torch.equal(a, b)
 
 
 def test_vllm_view_with_sentinels_and_expert_map():
