@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends, ops
+from . import _backends, _checks, ops
 from .batch_invariance import is_batch_invariant
 
 try:
@@ -118,7 +118,7 @@ if _C is not None:
         E, k = w13.shape[0], args[1].shape[1]
         if E > 1024:
             return f"the cuda plan kernel serves E <= 1024, got {E}"
-        if hidden.shape[0] * k > DECODE_ROWS_PER_EXPERT * E:
+        if not _checks.known_true(hidden.shape[0] * k <= DECODE_ROWS_PER_EXPERT * E):  # unknown (traced): not decode
             return f"more than {DECODE_ROWS_PER_EXPERT} rows per expert on average: not a decode batch"
         vec = 16 // hidden.element_size()
         if hidden.shape[1] % vec or w2.shape[2] % vec or w13.stride(2) != 1 or w2.stride(2) != 1:

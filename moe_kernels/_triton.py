@@ -111,6 +111,14 @@ if _gating is not None:
 
     _backends.register("plan_routing", "triton", _plan_supports)(torch.ops.moe_kernels.plan_routing_triton.default)
 
+    @triton_op("moe_kernels::capacity_drop_triton", mutates_args=())
+    def capacity_drop_triton(topk_ids: Tensor, num_experts: int, capacity: int, drop_policy: str,
+                             topk_weights: Optional[Tensor], expert_map: Optional[Tensor]) -> Tensor:
+        return _plan.capacity_drop(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map,
+                                   launch=wrap_triton, empty=_empty)
+
+    _backends.register("capacity_drop", "triton", _plan_supports)(torch.ops.moe_kernels.capacity_drop_triton.default)
+
     @triton_op("moe_kernels::grouped_gemm_triton", mutates_args=())
     def grouped_gemm_triton(x: Tensor, w: Tensor, expert_offsets: Tensor, bias: Optional[Tensor],
                             sorted_slots: Optional[Tensor], trans_w: bool) -> Tensor:
@@ -132,6 +140,10 @@ if _gating is not None:
         return _no_fp64(x)
 
     _backends.register("grouped_gemm", "triton", _gemm_supports)(torch.ops.moe_kernels.grouped_gemm_triton.default)
+    _bwd, _setup = ops.wgrad_autograd(grouped_gemm_triton)
+    grouped_gemm_wgrad_triton.register_autograd(_bwd, setup_context=_setup)
+    _backends.register("grouped_gemm_wgrad", "triton", _gemm_supports)(
+        torch.ops.moe_kernels.grouped_gemm_wgrad_triton.default)
 
     def _moe_plan(topk_ids, num_experts, capacity, expert_map, kw):
         return _plan.plan_routing(topk_ids, num_experts, 1, capacity, expert_map, **kw)

@@ -43,7 +43,7 @@ class MoE(nn.Module):
     and ``scaling_factor`` are those of :func:`topk_gating`. ``forward(x [..., H]) -> [..., H]``; afterwards ``last_stats`` holds a
     :class:`RoutingStats` and ``aux_loss`` ``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss``
     (add it to the training loss). ``capacity_factor`` sets each expert's capacity to
-    ``ceil(capacity_factor * T * k / E)`` slots.
+    ``ceil(capacity_factor * T * k / E)`` slots, ``drop_policy`` which slots it keeps (see :func:`plan_routing`).
 
     ``routing="expert_choice"`` lets every expert pick its ``ceil(capacity_factor * T * k / E)`` best
     tokens (Zhou et al., 2022; ``capacity_factor`` defaults to 1, so tokens get k experts on average);
@@ -82,6 +82,7 @@ class MoE(nn.Module):
         gated: bool = True,
         expert_bias: bool = False,
         capacity_factor: float | None = None,
+        drop_policy: str = "gshard",
         routing: str = "topk",
         aux_loss_coef: float = 0.0,
         z_loss_coef: float = 0.0,
@@ -100,6 +101,7 @@ class MoE(nn.Module):
         if group_score is not None:
             _checks.check_choice(fn, "group_score", group_score, GROUP_SCORES)
         _checks.check_choice(fn, "routing", routing, ("topk", "expert_choice"))
+        _checks.check_choice(fn, "drop_policy", drop_policy, ("gshard", "position", "probs"))
         _checks.check_choice(fn, "activation", activation, GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS)
         if num_experts % num_groups or topk_groups > num_groups or topk_groups * (num_experts // num_groups) < top_k:
             raise ValueError(f"{fn}: num_groups={num_groups} must divide num_experts={num_experts} and topk_groups={topk_groups} "
@@ -114,6 +116,7 @@ class MoE(nn.Module):
         self.activation, self.gated = activation, gated
         self.capacity_factor, self.aux_loss_coef, self.z_loss_coef = capacity_factor, aux_loss_coef, z_loss_coef
         self.routing = routing
+        self.drop_policy = drop_policy
         self.backend = backend
         if ep_group is not None and (routing != "topk" or capacity_factor is not None):
             raise ValueError(f"{fn}: ep_group supports routing='topk' without capacity_factor, got routing={routing!r}, "
@@ -198,6 +201,7 @@ class MoE(nn.Module):
             out = run(
                 x, self.w13, self.w2, weights, ids, activation=self.activation, gated=self.gated,
                 w13_bias=self.b13, w2_bias=self.b2, capacity=self._capacity(x.shape[0], None), backend=self.backend,
+                **({} if self.ep is not None else {"drop_policy": self.drop_policy}),  # EP: no capacity
             )
         if self.shared is not None:
             shared = self.shared(x)

@@ -320,12 +320,8 @@ def plan_routing(
     key = torch.where((ids >= 0) & (ids < E), ids, E)  # [T, k]; E = dropped
     if capacity is not None:
         # GShard: all first choices before all second choices, earlier tokens first.
-        by_priority = key.t().reshape(-1)  # [k*T]
-        order = torch.sort(by_priority, stable=True).indices
-        starts = _exclusive_cumsum(_bucket_counts(by_priority, E + 1))
-        rank = torch.empty_like(by_priority)
-        rank[order] = torch.arange(S, device=device) - starts[by_priority[order]]
-        key = torch.where(rank.view(k, T).t() < capacity, key, E)
+        gshard = torch.arange(S, device=device).view(T, k).t().reshape(-1)  # pass position -> slot
+        key = torch.where(capacity_ranks(key.reshape(-1), gshard, E).view(T, k) < capacity, key, E)
     flat = key.reshape(-1)  # [S]
     order = torch.sort(flat, stable=True).indices  # slot indices grouped by expert, by slot index
     counts = _bucket_counts(flat, E + 1)
@@ -345,6 +341,59 @@ def plan_routing(
         tokens.to(torch.int32),
         slot_to_row.to(torch.int32),
     )
+
+
+def capacity_ranks(key: torch.Tensor, order: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rank of every slot within its expert when the slots are taken in the pass order ``order``
+    (``order[p]`` is the slot taken p-th): ``[S]`` int64; ``key [S]`` holds experts in [0, E], E = dropped."""
+    S = key.shape[0]
+    in_order = key[order]  # [S] expert of the p-th slot taken
+    by_expert = torch.sort(in_order, stable=True).indices
+    starts = _exclusive_cumsum(_bucket_counts(in_order, num_experts + 1))
+    rank_in_order = torch.empty_like(in_order)
+    rank_in_order[by_expert] = torch.arange(S, device=key.device) - starts[in_order[by_expert]]
+    return torch.empty_like(rank_in_order).scatter_(0, order, rank_in_order)
+
+
+DROP_POLICIES = ("gshard", "position", "probs")
+
+
+def drop_order(drop_policy: str, top_k: int, topk_weights: torch.Tensor | None, num_slots: int, device) -> torch.Tensor:
+    """The order in which experts fill their capacity, as slots ``[S]``: ``gshard`` all first choices,
+    then all second choices (earlier tokens first); ``position`` slot order (token order);
+    ``probs`` highest routing weight first (NaN as -inf; ties to the lower slot)."""
+    if drop_policy == "position":
+        return torch.arange(num_slots, device=device)
+    if drop_policy == "gshard":
+        return torch.arange(num_slots, device=device).view(-1, top_k).t().reshape(-1)
+    w = topk_weights.reshape(-1)
+    w = torch.where(torch.isnan(w), float("-inf"), w)
+    return torch.sort(w, descending=True, stable=True).indices
+
+
+def capacity_drop(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    drop_policy: str,
+    topk_weights: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``topk_ids`` as int32 with -1 for every slot its expert has no room for: each (local) expert keeps
+    its first ``capacity`` slots in :func:`drop_order`. Ids that are dropped anyway (outside ``[0, E)``, or
+    unmapped) are returned as they are."""
+    T, k = topk_ids.shape
+    S, E = T * k, num_experts
+    ids = topk_ids.long()
+    local = ids
+    if expert_map is not None:
+        n_global = expert_map.shape[0]
+        inside = (ids >= 0) & (ids < n_global)
+        local = torch.where(inside, expert_map.long()[ids.clamp(0, max(n_global - 1, 0))], -1) if n_global else -torch.ones_like(ids)
+    key = torch.where((local >= 0) & (local < E), local, E).reshape(-1)  # [S]
+    rank = capacity_ranks(key, drop_order(drop_policy, k, topk_weights, S, ids.device), E)
+    kept = (key == E) | (rank < capacity)
+    return torch.where(kept.view(T, k), ids, -1).to(torch.int32)
 
 
 def permute(
