@@ -38,6 +38,7 @@ def fused_moe(
     apply_router_weight_on_input: bool = False,
     capacity: int | None = None,
     expert_map: torch.Tensor | None = None,
+    gate_up_interleaved: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Run every token through its k experts and sum the outputs with the routing weights.
@@ -58,7 +59,9 @@ def fused_moe(
     ``activation``: ``silu`` (SwiGLU), ``gelu`` (exact), ``relu`` or ``swiglu_oai`` (gpt-oss, gated only).
     ``apply_router_weight_on_input`` scales the token before the experts instead of after (Llama-4).
     ``capacity`` and ``expert_map`` are as in :func:`plan_routing`; ``E`` is ``w13.shape[0]`` (the local
-    experts when ``expert_map`` is given). Differentiable in hidden, w13, w2, the biases and topk_weights.
+    experts when ``expert_map`` is given). ``gate_up_interleaved``: the rows of ``w13`` and ``w13_bias``
+    alternate gate, up (gpt-oss's layout, e.g. ``gate_up_proj.transpose(1, 2)`` without a copy) instead of
+    all gate rows then all up rows. Differentiable in hidden, w13, w2, the biases and topk_weights.
 
     Example::
 
@@ -94,7 +97,9 @@ def fused_moe(
     _checks.check_same_device(fn, hidden=hidden, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
                               w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
     _checks.check_ids_in_range(fn, "topk_ids", topk_ids, n_ids)
+    interleaved = bool(gate_up_interleaved) and bool(gated)
     impl = _backends.select(fn, backend, hidden.device, hidden, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
-                            activation=activation)
+                            activation=activation, gate_up_interleaved=interleaved)
+    extra = (True,) if interleaved else ()  # only then: every backend's op takes the flag last, with default False
     return impl(hidden, w13, w2, topk_weights, topk_ids, activation, bool(gated), w13_bias, w2_bias,
-                bool(apply_router_weight_on_input), capacity, expert_map)
+                bool(apply_router_weight_on_input), capacity, expert_map, *extra)
