@@ -49,6 +49,7 @@ from ..routing import plan_routing, permute, unpermute
 __all__ = ["ExpertsLayout", "experts_forward", "experts_layout"]
 
 NAME = "moe_kernels"
+BACKEND = "auto"  # moe_kernels backend of every call; set by register(backend=...)
 _SPEC_ATTR = "_moe_kernels_layout"
 _WARNED: set[tuple[str, str]] = set()
 
@@ -195,13 +196,14 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     b2 = self.down_proj_bias if spec.has_bias else None
     if spec.path == "fused":
         out = fused_moe(x, w13, w2, top_k_weights, ids, activation=spec.activation, gated=spec.gated,
-                        w13_bias=b13, w2_bias=b2, gate_up_interleaved=spec.interleaved)
+                        w13_bias=b13, w2_bias=b2, gate_up_interleaved=spec.interleaved, backend=BACKEND)
     else:
-        plan = plan_routing(ids, E)
-        h = grouped_gemm(permute(x, plan), w13, plan, bias=b13)  # [S, 2I] in the model's gate/up layout
+        b = BACKEND
+        plan = plan_routing(ids, E, backend=b)
+        h = grouped_gemm(permute(x, plan, backend=b), w13, plan, bias=b13, backend=b)  # [S, 2I], the model's layout
         a = self._apply_gate(h) if spec.gated else self.act_fn(h)  # [S, I]
-        ys = grouped_gemm(a.to(w2.dtype), w2, plan, bias=b2)  # [S, H]
+        ys = grouped_gemm(a.to(w2.dtype), w2, plan, bias=b2, backend=b)  # [S, H]
         if spec.post_norm:
             ys = self.post_expert_norm(ys)
-        out = unpermute(ys, plan, top_k_weights)
+        out = unpermute(ys, plan, top_k_weights, backend=b)
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)

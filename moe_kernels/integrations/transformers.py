@@ -79,8 +79,11 @@ FP8_MODULE = "moe_kernels.quantization"  # moe_kernels' FP8 experts, when presen
 FP8_EXPERTS_FORWARD = "hf_fp8_experts_forward"  # its transformers FP8 experts forward
 
 
-def register() -> list[str]:
+def register(*, backend: str = "auto") -> list[str]:
     """Register ``"moe_kernels"`` as a transformers experts implementation; idempotent.
+
+    ``backend`` is the moe_kernels backend of every experts call (``auto``: the fastest that serves the
+    tensors; the last ``register`` call decides).
 
     Registers :func:`moe_kernels.integrations.hf_experts.experts_forward` in ``ALL_EXPERTS_FUNCTIONS`` and, when
     the FP8 experts module of moe_kernels exists, its FP8 experts forward in ``ALL_FP8_EXPERTS_FUNCTIONS``.
@@ -95,8 +98,12 @@ def register() -> list[str]:
     except ImportError as exc:
         raise ImportError("register: transformers >= 5.0 (transformers.integrations.moe.ExpertsInterface) is needed "
                           f"for the experts registry ({exc})") from exc
+    from . import hf_experts
     from .hf_experts import experts_forward
 
+    if backend not in ("auto", "torch", "triton", "cuda"):
+        raise ValueError(f"register: backend must be one of ('auto', 'torch', 'triton', 'cuda'), got {backend!r}")
+    hf_experts.BACKEND = backend
     ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
     written = ["ALL_EXPERTS_FUNCTIONS"]
     fp8 = None
