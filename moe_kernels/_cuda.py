@@ -113,6 +113,8 @@ if _C is not None:
             return "batch-invariant mode: the triton kernel serves every batch size"
         if hidden.dtype == torch.float64:
             return "float64 inputs are served by the torch backend only"
+        if kwargs.get("gate_up_interleaved"):
+            return "the cuda decode kernel reads gate rows then up rows (not interleaved)"
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, w13, w2) + args):
             return "the cuda decode path is inference-only (training runs the triton or torch backend)"
         E, k = w13.shape[0], args[1].shape[1]
@@ -127,7 +129,7 @@ if _C is not None:
 
     @_backends.register("fused_moe", "cuda", _decode_supports)
     def _fused_moe_decode(hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
-                          apply_router_weight_on_input, capacity, expert_map):
+                          apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved=False):
         """plan -> small GEMM (gather, activation) -> small GEMM (weights, scatter to slots) -> sum over k."""
         k, on_input = topk_ids.shape[1], apply_router_weight_on_input
         slots, offsets, _, slot_to_row = _PLAN(topk_ids, w13.shape[0], 1, capacity, expert_map)

@@ -152,7 +152,7 @@ if _gating is not None:
     def fused_moe_triton(
         hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str, gated: bool,
         w13_bias: Optional[Tensor], w2_bias: Optional[Tensor], apply_router_weight_on_input: bool,
-        capacity: Optional[int], expert_map: Optional[Tensor],
+        capacity: Optional[int], expert_map: Optional[Tensor], gate_up_interleaved: bool = False,
     ) -> Tensor:
         """plan -> GEMM1 (gather, activation) -> GEMM2 (weights, scatter to slots) -> sum over the k slots.
         Neither a permuted copy of ``hidden`` nor the pre-activation is written."""
@@ -161,7 +161,8 @@ if _gating is not None:
         slots, offsets, _, slot_to_row = _moe_plan(topk_ids, w13.shape[0], capacity, expert_map, kw)
         w_flat = topk_weights.reshape(-1).float().contiguous()
         h = _gg.grouped_gemm(hidden, w13, offsets, w13_bias, slots, True, gather_top_k=k, activation=activation,
-                             gated=gated, row_weights=w_flat if on_input else None, scale_input=True, **kw)  # [P, I]
+                             gated=gated, interleaved=gate_up_interleaved, row_weights=w_flat if on_input else None,
+                             scale_input=True, **kw)  # [P, I]
         y_slots = _gg.grouped_gemm(h, w2, offsets, w2_bias, slots, True, row_weights=None if on_input else w_flat,
                                    scatter_slots=slot_to_row.shape[0], **kw)  # [T*k, H], token order
         kept = torch.where(slot_to_row >= 0, torch.arange(slot_to_row.shape[0], device=hidden.device), -1)
@@ -172,6 +173,7 @@ if _gating is not None:
         grad_out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
         activation: str, gated: bool, w13_bias: Optional[Tensor], w2_bias: Optional[Tensor],
         apply_router_weight_on_input: bool, capacity: Optional[int], expert_map: Optional[Tensor],
+        gate_up_interleaved: bool = False,
     ) -> List[Tensor]:
         """Gradients ``(hidden, w13, w2, topk_weights, w13_bias, w2_bias)``; the first GEMM and the
         activation are recomputed (only the inputs are kept from forward)."""
@@ -182,10 +184,10 @@ if _gating is not None:
         w_out = None if on_input else topk_weights
         xs = _permute.permute(hidden, slots, slot_to_row, k, w_in, **kw)  # [P, H]
         h = _gg.grouped_gemm(xs, w13, offsets, w13_bias, slots, True, **kw)  # [P, 2I] pre-activation
-        a = ref.activation(h, activation, gated)  # [P, I]
+        a = ref.activation(h, activation, gated, gate_up_interleaved)  # [P, I]
         g_ys = _permute.permute(grad_out, slots, slot_to_row, k, w_out, **kw)  # [P, H]
         g_a = _gg.grouped_gemm(g_ys, w2, offsets, None, slots, False, **kw)  # [P, I]
-        g_h = ref.activation_backward(g_a, h, activation, gated)  # [P, 2I]
+        g_h = ref.activation_backward(g_a, h, activation, gated, gate_up_interleaved)  # [P, 2I]
         g_xs = _gg.grouped_gemm(g_h, w13, offsets, None, slots, False, **kw)  # [P, H]
         g_hidden = _permute.unpermute(g_xs, slots, slot_to_row, k, w_in, **kw)
         if on_input:
