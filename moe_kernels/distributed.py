@@ -246,15 +246,15 @@ class ExpertParallel:
         f = _checks.FLOAT_DTYPES
         _checks.check_tensor(fn, "hidden", hidden, ndim=2, dtypes=f, layout="[T, H]")
         T = hidden.shape[0]
-        _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(T, None), layout="[T, k]")
-        k = topk_ids.shape[1]
+        _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(T, None), layout="[T, k]")
+        k = _checks.check_top_k(fn, "topk_ids", topk_ids)
         if topk_weights is not None:
             _checks.check_tensor(fn, "topk_weights", topk_weights, dtypes=f, shape=(T, k), layout="[T, k]")
         device = _checks.check_same_device(fn, hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights)
         if self.device.type == "cuda" and device.type != "cuda":
             raise ValueError(f"{fn}: the group's backend {dist.get_backend(self.group)} exchanges {self.device.type} "
                              f"tensors, got hidden on {device}")
-        _checks.check_ids_in_range(fn, "topk_ids", topk_ids, self.num_experts)
+        _checks.check_expert_ids(fn, "topk_ids", topk_ids, self.num_experts)
         return topk_ids
 
     def _dispatch_exact(self, hidden, topk_weights, plan, counts, be):
@@ -286,7 +286,7 @@ class ExpertParallel:
         slots = plan.sorted_slots.index_select(0, src) if plan.num_rows else pos.new_full((W * C,), -1)
         slots = torch.where(valid, slots.to(torch.int64), -1)
         row = plan.slot_to_row.to(torch.int64)  # [T*k]
-        dest = topk_ids.reshape(-1).to(torch.int64).clamp(min=0) // El
+        dest = topk_ids.reshape(-1).to(torch.int64).clamp(0, self.num_experts - 1) // El  # dropped ids: row -1 below
         p_slot = row - base[dest]
         slot_to_row = torch.where((row >= 0) & (p_slot < C), dest * C + p_slot, -1)
         send_plan = RoutingPlan(slots.to(torch.int32), (torch.arange(W + 1, device=device) * C).to(torch.int32),

@@ -183,6 +183,10 @@ def faster_experts(ep, hidden, w13, w2, topk_weights, topk_ids, activation, gate
     is_shadow = torch.zeros(E + 1, dtype=torch.bool, device=device)
     is_shadow[torch.where(shadowed >= 0, shadowed, E)] = True  # -1 (no expert) lands on the extra entry
     is_shadow = is_shadow[:E]
+    flat_ids = topk_ids.reshape(-1).to(torch.int64)
+    valid = (flat_ids >= 0) & (flat_ids < E)  # ids outside [0, E) are dropped slots
+    safe_ids = torch.where(valid, flat_ids, 0)
+    shadow_slot = (valid & is_shadow.index_select(0, safe_ids)).view(topk_ids.shape)  # [T, k]
     sent = torch.where(is_shadow, 0, gathered)  # [W, c, E] rows that cross the exchange
     send = sent[ep.rank].view(c, W, El).sum(-1)  # [c, W] rows this rank sends per chunk and destination
     mine = sent[:, :, ep.first_expert:ep.first_expert + El]  # [W, c, El] rows this rank receives
@@ -199,8 +203,7 @@ def faster_experts(ep, hidden, w13, w2, topk_weights, topk_ids, activation, gate
         shadow_params = _Shadow.apply((ep, chosen), *params)
         slot = torch.full((E,), -1, dtype=torch.int64, device=device)
         slot[torch.tensor(chosen, device=device)] = torch.arange(len(chosen), device=device)
-        local_ids = slot.index_select(0, topk_ids.reshape(-1).to(torch.int64).clamp(min=0)).view(topk_ids.shape)
-        local_ids = torch.where(topk_ids >= 0, local_ids, -1)
+        local_ids = torch.where(shadow_slot, slot.index_select(0, safe_ids).view(topk_ids.shape), -1)
         rest = list(shadow_params[2:])
         out = fused_moe(hidden, shadow_params[0], shadow_params[1], topk_weights, local_ids, activation=activation,
                         gated=gated, w13_bias=rest.pop(0) if w13_bias is not None else None,
@@ -209,8 +212,7 @@ def faster_experts(ep, hidden, w13, w2, topk_weights, topk_ids, activation, gate
         weight_elems = owned * (W - 1) * sum(p[0].numel() for p in params)
 
     # The exchanged slots, chunk by chunk, in send order (by expert, hence by destination).
-    ids_ep = [torch.where(is_shadow.index_select(0, i.reshape(-1).to(torch.int64).clamp(min=0)).view(i.shape), -1, i)
-              for i in ids]
+    ids_ep = [torch.where(shadow_slot[bounds[i]:bounds[i + 1]], -1, ids[i]) for i in range(c)]
     plans = [plan_routing(i, E, backend=be) for i in ids_ep]
     rows = [permute(hidden[bounds[i]:bounds[i + 1]], p, backend=be)[: sum(send_splits[i])] for i, p in enumerate(plans)]
     cfg = (activation, gated, w13_bias is not None, w2_bias is not None, be)

@@ -14,7 +14,7 @@ from .gating import (GatingStats, expert_choice_gating, expert_counts, load_bala
 from .gemm import grouped_gemm
 from .moe import activation, fused_moe
 from .routing import expert_choice_plan, permute, unpermute
-from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, balance_scores
+from .reference import GATED_ACTIVATIONS, GROUP_SCORES, PLAIN_ACTIVATIONS, SCORINGS, balance_scores
 from .stats import RoutingStatsAccumulator, routing_entropy
 
 
@@ -41,11 +41,12 @@ class MoE(nn.Module):
     ``correction_bias [E]`` (fp32, with ``correction_bias=True``), ``shared.{gate,up,down}_proj`` and
     ``shared_gate`` (``Linear(H, 1)``, its sigmoid scales the shared output as in Qwen2-MoE).
 
-    The router runs in fp32. ``forward(x [..., H]) -> [..., H]``; afterwards ``last_stats`` holds a
+    The router runs in fp32; ``scoring``, ``renormalize``, ``num_groups``, ``topk_groups``, ``group_score``
+    and ``scaling_factor`` are those of :func:`topk_gating`. ``forward(x [..., H]) -> [..., H]``; afterwards ``last_stats`` holds a
     :class:`RoutingStats` and ``aux_loss`` ``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss``
     (add it to the training loss); ``run_stats`` (:class:`~moe_kernels.stats.RoutingStatsAccumulator`) accumulates
     token counts per expert and routing entropy over calls until ``run_stats.reset()``. ``capacity_factor`` sets each expert's capacity to
-    ``ceil(capacity_factor * T * k / E)`` slots.
+    ``ceil(capacity_factor * T * k / E)`` slots, ``drop_policy`` which slots it keeps (see :func:`plan_routing`).
 
     ``routing="expert_choice"`` lets every expert pick its ``ceil(capacity_factor * T * k / E)`` best
     tokens (Zhou et al., 2022; ``capacity_factor`` defaults to 1, so tokens get k experts on average);
@@ -84,6 +85,7 @@ class MoE(nn.Module):
         renormalize: bool = True,
         num_groups: int = 1,
         topk_groups: int = 1,
+        group_score: str | None = None,
         scaling_factor: float = 1.0,
         correction_bias: bool = False,
         router_bias: bool = False,
@@ -93,6 +95,7 @@ class MoE(nn.Module):
         gated: bool = True,
         expert_bias: bool = False,
         capacity_factor: float | None = None,
+        drop_policy: str = "gshard",
         routing: str = "topk",
         aux_loss_coef: float = 0.0,
         z_loss_coef: float = 0.0,
@@ -111,8 +114,11 @@ class MoE(nn.Module):
             _checks.check_int(fn, name, v, lo=1)
         _checks.check_int(fn, "top_k", top_k, lo=1, hi=num_experts)
         _checks.check_int(fn, "shared_intermediate_size", shared_intermediate_size, lo=0)
-        _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+        _checks.check_choice(fn, "scoring", scoring, SCORINGS)
+        if group_score is not None:
+            _checks.check_choice(fn, "group_score", group_score, GROUP_SCORES)
         _checks.check_choice(fn, "routing", routing, ("topk", "expert_choice", "hierarchical"))
+        _checks.check_choice(fn, "drop_policy", drop_policy, ("gshard", "position", "probs"))
         _checks.check_choice(fn, "activation", activation, GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS)
         if num_experts % num_groups or topk_groups > num_groups or topk_groups * (num_experts // num_groups) < top_k:
             raise ValueError(f"{fn}: num_groups={num_groups} must divide num_experts={num_experts} and topk_groups={topk_groups} "
@@ -128,10 +134,11 @@ class MoE(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
         self.scoring, self.renormalize, self.scaling_factor = scoring, renormalize, scaling_factor
-        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.num_groups, self.topk_groups, self.group_score = num_groups, topk_groups, group_score
         self.activation, self.gated = activation, gated
         self.capacity_factor, self.aux_loss_coef, self.z_loss_coef = capacity_factor, aux_loss_coef, z_loss_coef
         self.routing = routing
+        self.drop_policy = drop_policy
         self.backend = backend
         if ep_group is not None and (routing == "expert_choice" or capacity_factor is not None):
             raise ValueError(f"{fn}: ep_group supports top-k routing without capacity_factor, got routing={routing!r}, "
@@ -192,7 +199,8 @@ class MoE(nn.Module):
         out = topk_gating(
             logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
             correction_bias=self.correction_bias, num_groups=self.num_groups, topk_groups=self.topk_groups,
-            scaling_factor=self.scaling_factor, return_stats=bool(self.aux_loss_coef), backend=self.backend,
+            group_score=self.group_score, scaling_factor=self.scaling_factor, return_stats=bool(self.aux_loss_coef),
+            backend=self.backend,
         )
         return (logits, *out) if self.aux_loss_coef else (logits, *out, None)
 
@@ -256,6 +264,7 @@ class MoE(nn.Module):
             out = run(
                 x, self.w13, self.w2, weights, ids, activation=self.activation, gated=self.gated,
                 w13_bias=self.b13, w2_bias=self.b2, capacity=self._capacity(x.shape[0], None), backend=self.backend,
+                **({} if self.ep is not None else {"drop_policy": self.drop_policy}),  # EP: no capacity
             )
         if self.shared is not None:
             shared = self.shared(x)

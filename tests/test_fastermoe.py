@@ -133,9 +133,13 @@ def _scenario_errors(chk, rank, world, device):
     chk.raises("bad topk_ids on the FasterMoE path", lambda: ep.experts(
         torch.randn(3, 8, dtype=torch.float64), w13, w2, torch.rand(3, 2), torch.zeros(4, 2, dtype=torch.int32)),
         "topk_ids must have shape")
-    chk.raises("out-of-range ids on the FasterMoE path", lambda: ep.experts(
-        torch.randn(3, 8, dtype=torch.float64), w13, w2, torch.rand(3, 2), torch.full((3, 2), 2 * world, dtype=torch.int32)),
-        "topk_ids")
+    # ids outside [0, E) (-1, sentinels) are dropped slots, as on the plain path
+    x, w = torch.randn(5, 8, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
+    ids = torch.tensor([[0, 2 * world], [-1, 1], [1, 0], [2 * world + 3, -1], [0, 1]], dtype=torch.int32)
+    torch.manual_seed(rank)
+    w13, w2 = torch.randn(2, 16, 8, dtype=torch.float64), torch.randn(2, 8, 8, dtype=torch.float64)
+    plain = ExpertParallel(None, 2 * world).experts(x, w13, w2, w, ids)
+    chk.close("dropped sentinel ids", ep.experts(x, w13, w2, w, ids), plain)
     chk.raises("MoE shadow differs from its ExpertParallel", lambda: mk.MoE(8, 8, 2 * world, 2, ep_group=ep, shadow_experts=2),
                "shadow")
 
