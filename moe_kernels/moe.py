@@ -10,6 +10,7 @@ from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
 
 _OPS = torch.ops.moe_kernels
 _backends.register("fused_moe", "torch")(_OPS.fused_moe.default)
+_backends.register("fused_moe_saved", "torch")(_OPS.fused_moe.default)  # the reference recomputes either way
 
 
 def activation(h: torch.Tensor, kind: str = "silu", *, gated: bool = True) -> torch.Tensor:
@@ -38,6 +39,7 @@ def fused_moe(
     apply_router_weight_on_input: bool = False,
     capacity: int | None = None,
     expert_map: torch.Tensor | None = None,
+    save_preactivation: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Run every token through its k experts and sum the outputs with the routing weights.
@@ -59,6 +61,9 @@ def fused_moe(
     ``apply_router_weight_on_input`` scales the token before the experts instead of after (Llama-4).
     ``capacity`` and ``expert_map`` are as in :func:`plan_routing`; ``E`` is ``w13.shape[0]`` (the local
     experts when ``expert_map`` is given). Differentiable in hidden, w13, w2, the biases and topk_weights.
+By default only the inputs are kept for the backward, which recomputes the first GEMM (4 GEMM FLOPs
+of it in all on the triton backend); ``save_preactivation=True`` keeps the pre-activation
+``[T*k, 2I]`` instead (3 of it), as SonicMoE does: memory for a quarter of the backward's GEMM work.
 
     Example::
 
@@ -94,7 +99,7 @@ def fused_moe(
     _checks.check_same_device(fn, hidden=hidden, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
                               w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
     _checks.check_ids_in_range(fn, "topk_ids", topk_ids, n_ids)
-    impl = _backends.select(fn, backend, hidden.device, hidden, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
+    impl = _backends.select("fused_moe_saved" if save_preactivation else fn, backend, hidden.device, hidden, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
                             activation=activation)
     return impl(hidden, w13, w2, topk_weights, topk_ids, activation, bool(gated), w13_bias, w2_bias,
                 bool(apply_router_weight_on_input), capacity, expert_map)
