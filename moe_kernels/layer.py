@@ -44,6 +44,9 @@ class MoE(nn.Module):
     (add it to the training loss). ``capacity_factor`` sets each expert's capacity to
     ``ceil(capacity_factor * T * k / E)`` slots.
 
+    ``save_preactivation=True`` keeps the experts' pre-activation ``[T*k, 2I]`` from the forward so that the
+    backward skips recomputing the first GEMM (fused_moe's option; single-rank top-k routing).
+
     ``routing="expert_choice"`` lets every expert pick its ``ceil(capacity_factor * T * k / E)`` best
     tokens (Zhou et al., 2022; ``capacity_factor`` defaults to 1, so tokens get k experts on average);
     the load-balancing loss does not apply there (the load is even by construction).
@@ -87,6 +90,7 @@ class MoE(nn.Module):
         device: torch.device | str | None = None,
         backend: str = "auto",
         ep_group=None,
+        save_preactivation: bool = False,
     ):
         super().__init__()
         fn = "MoE"
@@ -111,6 +115,7 @@ class MoE(nn.Module):
         self.capacity_factor, self.aux_loss_coef, self.z_loss_coef = capacity_factor, aux_loss_coef, z_loss_coef
         self.routing = routing
         self.backend = backend
+        self.save_preactivation = bool(save_preactivation)
         if ep_group is not None and (routing != "topk" or capacity_factor is not None):
             raise ValueError(f"{fn}: ep_group supports routing='topk' without capacity_factor, got routing={routing!r}, "
                              f"capacity_factor={capacity_factor}")
@@ -190,9 +195,11 @@ class MoE(nn.Module):
         else:
             logits, weights, ids, stats = self.route(x)
             run = fused_moe if self.ep is None else self.ep.experts
+            more = dict(save_preactivation=True) if self.save_preactivation and self.ep is None else {}
             out = run(
                 x, self.w13, self.w2, weights, ids, activation=self.activation, gated=self.gated,
                 w13_bias=self.b13, w2_bias=self.b2, capacity=self._capacity(x.shape[0], None), backend=self.backend,
+                **more,
             )
         if self.shared is not None:
             shared = self.shared(x)

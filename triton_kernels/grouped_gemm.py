@@ -95,7 +95,7 @@ def _activate_backward(da, g, u, ACT: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
-def _tile_coords(t, num_m, num_n, GROUP_M: tl.constexpr):
+def _tile_coords(t, num_m, num_n, GROUP_M):
     """(m-tile, n-tile) of linear tile ``t``: groups of GROUP_M m-tiles, n-tiles inside a group (the A rows
     of a group stay in L2 while every n-tile reads them)."""
     in_group = GROUP_M * num_n
@@ -268,12 +268,11 @@ def _wgrad_tile(
     t, a_ptr, b_ptr, out_ptr, bias_out_ptr, offsets_ptr, slots_ptr, row_w_ptr, A, B, stride_am, stride_bm, top_k,
     num_a_tiles, num_b_tiles, HAS_SLOTS: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
     SCALE_A: tl.constexpr, SCALE_B: tl.constexpr, BIAS_A: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, group_a,
 ):
     e = t // (num_a_tiles * num_b_tiles)
-    rest = t % (num_a_tiles * num_b_tiles)
-    b_tile = rest % num_b_tiles
-    ia = (rest // num_b_tiles).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_tile, b_tile = _tile_coords(t % (num_a_tiles * num_b_tiles), num_a_tiles, num_b_tiles, group_a)
+    ia = a_tile.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
     ib = b_tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     amask, bmask = ia < A, ib < B
     lo = tl.load(offsets_ptr + e).to(tl.int64)
@@ -315,20 +314,21 @@ def _wgrad_tile(
 @triton.jit
 def grouped_wgrad_kernel(
     a_ptr, b_ptr, out_ptr, bias_out_ptr, offsets_ptr, slots_ptr, row_w_ptr, A, B, stride_am, stride_bm, top_k,
-    num_experts, num_a_tiles, num_b_tiles,
+    num_experts, num_a_tiles, num_b_tiles, group_a,
     HAS_SLOTS: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
     SCALE_B: tl.constexpr, BIAS_A: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):
     """out[e] = a_e^T @ b_e over the rows of segment e (padding rows of a plan skipped): [E, A, B], fp32
     accumulation, every element written. Persistent: NUM_PROGS programs stride over the (expert, a-tile,
-    b-tile) tiles, expert-major, so the programs running together share an expert's rows in L2. Rows of
+    b-tile) tiles, expert-major and GROUP_A a-tiles per group with the b-tiles inside (like the GEMM's
+    tile order), so the programs running together share an expert's rows in L2. Rows of
     a gathered operand are token rows ``x[slot // k]`` read through the plan (no permuted copy), scaled by
     the slot's routing weight with SCALE_*; BIAS_A also writes the column sums of a (a bias gradient)."""
     for t in tl.range(tl.program_id(0), num_experts * num_a_tiles * num_b_tiles, NUM_PROGS):
         _wgrad_tile(t, a_ptr, b_ptr, out_ptr, bias_out_ptr, offsets_ptr, slots_ptr, row_w_ptr, A, B, stride_am,
                     stride_bm, top_k, num_a_tiles, num_b_tiles, HAS_SLOTS, GATHER_A, GATHER_B, SCALE_A, SCALE_B,
-                    BIAS_A, UPCAST, IEEE, BLOCK_A, BLOCK_B, BLOCK_M)
+                    BIAS_A, UPCAST, IEEE, BLOCK_A, BLOCK_B, BLOCK_M, group_a)
 
 
 def _interpreting() -> bool:
@@ -433,14 +433,15 @@ def grouped_wgrad(a, b, expert_offsets, sorted_slots=None, *, gather_top_k=0, ga
         if bias is not None:
             bias.zero_()  # [E, 0]: nothing to write, or no rows (B = 0) to sum over: a zero sum
         return (out, bias) if bias_a else out
-    cfg = config or wgrad_config(A, B, a.dtype, a.device)
+    cfg = {"GROUP_A": 8, **config} if config else wgrad_config(
+        A, B, a.dtype, a.device, (sorted_slots.shape[0] if sorted_slots is not None else a.shape[0]) // max(E, 1))
     ba, bb = cfg["BLOCK_A"], cfg["BLOCK_B"]
     na, nb = triton.cdiv(A, ba), triton.cdiv(B, bb)
     total = E * na * nb
     launch(grouped_wgrad_kernel)[(min(total, cfg["NUM_PROGS"]),)](
         a, b, out, bias if bias is not None else out, expert_offsets,
         sorted_slots if sorted_slots is not None else expert_offsets, row_weights if row_weights is not None else a,
-        A, B, a.stride(0), b.stride(0), max(gather_top_k, 1), E, na, nb, HAS_SLOTS=sorted_slots is not None,
+        A, B, a.stride(0), b.stride(0), max(gather_top_k, 1), E, na, nb, cfg["GROUP_A"], HAS_SLOTS=sorted_slots is not None,
         GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, SCALE_B=scale_b, BIAS_A=bias_a,
         UPCAST=_interpreting() and a.dtype == torch.bfloat16, IEEE=a.dtype == torch.float32,
         BLOCK_A=ba, BLOCK_B=bb, BLOCK_M=cfg["BLOCK_M"], NUM_PROGS=min(total, cfg["NUM_PROGS"]),

@@ -16,7 +16,8 @@ rows/expert  tile (BLOCK_M x BLOCK_N x K)    why
                                              (two 128 x 128 mma.sync accumulators spill)
 ============ ============================== =================================================
 
-Tile order: GROUP_M m-tiles per group (n-tiles inside), as many as fill half of L2 with their A rows.
+Tile order: GROUP_M m-tiles per group (n-tiles inside), as many as fill 70% of L2 with their A rows;
+dW tiles likewise (GROUP_A a-tiles per group of an expert, at the average rows per expert).
 Stages: 4 where ``stages x (BM x BK + n_w x BK x BN) x bytes`` fits the architecture's shared memory
 (sm_90 232,448 B, sm_80 166,912 B, sm_86/89 101,376 B per block), else as many as fit (at least 2).
 Prefill GEMMs on sm_90 run persistent (grid = SMs x resident programs, striding over the real tiles).
@@ -62,12 +63,11 @@ def l2_bytes(device: torch.device) -> int:
     return L2.get(os.environ.get("MOE_KERNELS_ASSUME_DEVICE", ""), L2["sm_86"])
 
 
-def group_m(block_m: int, K: int, es: int, l2: int) -> int:
-    """m-tiles per group of the tile order: as many A row-blocks (``block_m x K``) as fill half of L2
-    (a power of two, 1 to 32), so that a group's rows stay in L2 while its n-tiles stream the weights,
-    and each weight tile is read from HBM once per group."""
-    g = max(1, min(32, (l2 // 2) // max(block_m * K * es, 1)))
-    return 1 << (g.bit_length() - 1)
+def group_m(block: int, K: int, es: int, l2: int) -> int:
+    """Tiles per group of the tile order: as many row-blocks (``block x K`` elements) as fill 70% of L2
+    (1 to 32), so that a group's rows stay in L2 while its other tiles stream the weights, and each
+    weight tile is read from HBM once per group (the rest of L2 holds a wave's weight tiles)."""
+    return max(1, min(32, (l2 * 7 // 10) // max(block * K * es, 1)))
 
 
 def target(device: torch.device) -> tuple[tuple[int, int], int, int]:
@@ -142,7 +142,7 @@ def fused_block_m(M: int, E: int, dtype: torch.dtype, device: torch.device, I: i
     return gemm_config("gemm_gated", M, I, H, E, dtype, device)["BLOCK_M"]
 
 
-def wgrad_config(A: int, B: int, dtype: torch.dtype, device: torch.device) -> dict:
+def wgrad_config(A: int, B: int, dtype: torch.dtype, device: torch.device, rows_per_expert: int = 0) -> dict:
     """dW tiles ``out[e] = a_e^T b_e`` ([A, B] per expert, reduction over the segment's rows): 128 x 128
     output tiles, 64 rows a step, 8 warps, 4 stages where they fit, persistent over (expert, tile)."""
     cap, smem, sms = target(device)
@@ -158,4 +158,5 @@ def wgrad_config(A: int, B: int, dtype: torch.dtype, device: torch.device) -> di
     cfg["num_stages"] = stages
     per_prog = stages * (bm * ba + bm * bb) * es
     cfg["NUM_PROGS"] = sms * max(1, min(2, smem // max(per_prog, 1)))
+    cfg["GROUP_A"] = group_m(ba, max(1, rows_per_expert), es, l2_bytes(device))  # a runtime argument: no recompiles
     return cfg
