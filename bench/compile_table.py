@@ -34,14 +34,15 @@ class Recorder:
 
     def __init__(self):
         self.records = []
+        self.label = ""  # what the next launches are for (set by the caller)
 
     def __call__(self, kernel):
-        records = self.records
+        rec = self
 
         class _Grid:
             def __getitem__(self, grid):
                 def run(*args, **kwargs):
-                    records.append((kernel, grid, args, kwargs))
+                    rec.records.append((kernel, grid, args, kwargs, rec.label))
                 return run
 
         return _Grid()
@@ -99,7 +100,7 @@ def compile_records(records, cc: int):
     from triton.compiler import ASTSource
 
     rows, seen = [], set()
-    for kernel, grid, args, kwargs in records:
+    for kernel, grid, args, kwargs, label in records:
         sig, consts, attrs, opts = _specialise(kernel, args, dict(kwargs))
         key = (kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in consts.items())), tuple(sorted(sig.items())),
                tuple(sorted(opts.items())))
@@ -111,7 +112,7 @@ def compile_records(records, cc: int):
         ptx = compiled.asm["ptx"]
         regs, spills = _resources(compiled.asm["cubin"])
         tiles = {k: v for k, v in consts.items() if k.startswith("BLOCK") or k in ("GROUP_M", "PERSISTENT", "NUM_PROGS")}
-        rows.append(dict(kernel=kernel.fn.__name__, grid=grid[0] if isinstance(grid, tuple) else grid, tiles=tiles,
+        rows.append(dict(kernel=kernel.fn.__name__, label=label, grid=grid[0] if isinstance(grid, tuple) else grid, tiles=tiles,
                          warps=opts.get("num_warps", 4), stages=opts.get("num_stages", 3), smem=compiled.metadata.shared,
                          regs=regs, spills=spills, wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx,
                          cp_async="cp.async.cg" in ptx or "cp.async.ca" in ptx, tma="cp.async.bulk.tensor" in ptx))
@@ -133,17 +134,27 @@ def fused_moe_records(T: int, H: int, I: int, E: int, k: int, dtype=torch.bfloat
     b13 = torch.empty(E, 2 * I, dtype=dtype, **meta) if bias else None
     b2 = torch.empty(E, H, dtype=dtype, **meta) if bias else None
     bm = tiles.fused_block_m(T * k, E, dtype, x.device, I, H)
+    rec.label = "plan"
     slots, offsets, _, s2r, sched = plan.plan_schedule(ids, E, 1, None, None, bm, **kw)
+    rec.label = "fwd GEMM1"
     a = gg.grouped_gemm(x, w13, offsets, b13, slots, True, gather_top_k=k, activation="silu", gated=True,
                         row_weights=wf if on_input else None, scale_input=True, schedule=sched, **kw)
+    rec.label = "fwd GEMM2"
     ys = gg.grouped_gemm(a, w2, offsets, b2, slots, True, row_weights=wf, scatter_slots=T * k, schedule=sched, **kw)
+    rec.label = "combine"
     combine.combine(ys, s2r, k, **kw)
+    rec.label = "bwd GEMM1 (recompute)"
     h = gg.grouped_gemm(x, w13, offsets, b13, slots, True, gather_top_k=k, schedule=sched, **kw)
+    rec.label = "bwd dA + act bwd"
     dh, a, parts = gg.grouped_gemm(x, w2, offsets, None, slots, False, gather_top_k=k, activation="silu", gated=True,
                                    row_weights=wf, schedule=sched, act_grad_of=h, row_dots=True, bias_dot=b2, **kw)
+    rec.label = "bwd dX"
     gs = gg.grouped_gemm(dh, w13, offsets, None, slots, False, slot_top_k=k, scatter_slots=T * k, schedule=sched, **kw)
+    rec.label = "combine + dw"
     combine.combine(gs, s2r, k, parts, **kw)
+    rec.label = "bwd dW13"
     gg.grouped_wgrad(dh, x, offsets, slots, gather_top_k=k, gather_b=True, row_weights=wf, bias_a=bias, **kw)
+    rec.label = "bwd dW2"
     gg.grouped_wgrad(x, a, offsets, slots, gather_top_k=k, gather_a=True, row_weights=wf, scale_a=True, bias_a=bias, **kw)
     return rec.records
 
@@ -161,17 +172,17 @@ def main(argv=None) -> int:
     m = load_models()[0][a.model]
     records = [r for r in fused_moe_records(a.tokens, m["hidden"], m["intermediate"], m["experts"], m["top_k"])
                if a.filter in r[0].fn.__name__]
-    from moe_kernels.triton_kernels.tiles import ASSUMED
+    from moe_kernels.triton_kernels._launch import TARGETS
 
-    limit = ASSUMED[a.arch][1]
+    limit = TARGETS[a.arch].smem_per_block
     print(f"{a.model} T={a.tokens} on {a.arch} (shared memory limit {limit} B); compiled, never run")
-    print(f"{'kernel':22} {'tiles':58} {'w':>2} {'st':>2} {'smem':>7} {'regs':>4} {'spill':>5} wgmma mma cp.async tma")
+    print(f"{'launch':22} {'tiles':58} {'w':>2} {'st':>2} {'smem':>7} {'regs':>4} {'spill':>5} wgmma mma cp.async tma")
     bad = 0
     for r in compile_records(records, ARCH_CC[a.arch]):
         tiles = " ".join(f"{k.replace('BLOCK_', '')}={int(v)}" for k, v in r["tiles"].items())
         ok = r["smem"] <= limit and r["spills"] == 0
         bad += not ok
-        print(f"{r['kernel']:22} {tiles:58} {r['warps']:>2} {r['stages']:>2} {r['smem']:>7} {r['regs']:>4} {r['spills']:>5} "
+        print(f"{r['label']:22} {tiles:58} {r['warps']:>2} {r['stages']:>2} {r['smem']:>7} {r['regs']:>4} {r['spills']:>5} "
               f"{'yes' if r['wgmma'] else '-':>5} {'yes' if r['mma'] else '-':>3} {'yes' if r['cp_async'] else '-':>8} "
               f"{'yes' if r['tma'] else '-':>3}{'' if ok else '  <-- over the limit or spilling'}")
     return 1 if bad else 0

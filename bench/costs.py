@@ -198,7 +198,8 @@ def wgrad_hbm_bytes(rows: list[int], A: int, B: int, ba: int, bb: int, es: int, 
 def _gemm_launch(name, rows, N, K, es, kernel, E, arch, out_bytes, extra_bytes=0, n_w=1, group_m=None):
     from moe_kernels.triton_kernels import tiles
 
-    cap, smem, sms = tiles.ASSUMED[arch]
+    t = tiles._launch.TARGETS[arch]
+    smem, sms = t.smem_per_block, t.sm_count
     M = sum(rows)
     cfg = tiles.gemm_config(kernel, M, N, K, E, {2: torch.bfloat16, 4: torch.float32}[es], torch.device("meta"))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -213,7 +214,7 @@ def _gemm_launch(name, rows, N, K, es, kernel, E, arch, out_bytes, extra_bytes=0
 def _wgrad_launch(name, rows, A, B, es, arch, bias_bytes=0):
     from moe_kernels.triton_kernels import tiles
 
-    cap, smem, sms = tiles.ASSUMED[arch]
+    sms = tiles._launch.TARGETS[arch].sm_count
     E = len(rows)
     cfg = tiles.wgrad_config(A, B, {2: torch.bfloat16, 4: torch.float32}[es], torch.device("meta"), sum(rows) // E)
     return dict(launch=name, tile=f"{cfg['BLOCK_A']}x{cfg['BLOCK_B']}", flops=2 * sum(rows) * A * B,

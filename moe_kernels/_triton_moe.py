@@ -35,6 +35,7 @@ from . import _alloc, _backends
 from .triton_kernels import combine as _combine
 from .triton_kernels import grouped_gemm as _gg
 from .triton_kernels import plan as _plan
+from .triton_kernels._launch import Launcher
 from .triton_kernels.tiles import fused_block_m
 
 
@@ -42,7 +43,7 @@ def _empty(shape, dtype, device):
     return _alloc.empty(*shape, dtype=dtype, device=device)
 
 
-_KW = dict(launch=wrap_triton, empty=_empty)
+_KW = dict(launch=Launcher(wrap_triton), empty=_empty)  # the one launch path
 
 
 def _plan_and_schedule(hidden, w13, topk_ids, gated, capacity, expert_map):
@@ -57,17 +58,17 @@ def _plan_and_schedule(hidden, w13, topk_ids, gated, capacity, expert_map):
 def fused_moe_triton(
     hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str, gated: bool,
     w13_bias: Optional[Tensor], w2_bias: Optional[Tensor], apply_router_weight_on_input: bool,
-    capacity: Optional[int], expert_map: Optional[Tensor], save_preactivation: bool,
+    capacity: Optional[int], expert_map: Optional[Tensor], gate_up_interleaved: bool, save_preactivation: bool,
 ) -> Tuple[Tensor, Tensor]:
     """``(out [T, H], pre)``: ``pre`` is the pre-activation ``[T*k, 2I]`` (expert order) with
-    ``save_preactivation``, else empty. Neither a permuted copy of ``hidden`` nor (by default) the
+    ``save_preactivation`` (columns in w13's row order: gate then up, or interleaved), else empty. Neither a permuted copy of ``hidden`` nor (by default) the
     pre-activation is written."""
     k, on_input = topk_ids.shape[1], apply_router_weight_on_input
     slots, offsets, _, slot_to_row, sched = _plan_and_schedule(hidden, w13, topk_ids, gated, capacity, expert_map)
     w_flat = topk_weights.reshape(-1).float().contiguous()
     h = _gg.grouped_gemm(hidden, w13, offsets, w13_bias, slots, True, gather_top_k=k, activation=activation,
-                         gated=gated, row_weights=w_flat if on_input else None, scale_input=True, schedule=sched,
-                         store_pre=save_preactivation, **_KW)  # [P, I] (and [P, 2I] pre-activation)
+                         gated=gated, interleaved=gate_up_interleaved, row_weights=w_flat if on_input else None,
+                         scale_input=True, schedule=sched, store_pre=save_preactivation, **_KW)  # [P, I] (and [P, 2I] pre-activation)
     a, pre = h if save_preactivation else (h, hidden.new_empty(0))
     y_slots = _gg.grouped_gemm(a, w2, offsets, w2_bias, slots, True, row_weights=None if on_input else w_flat,
                                scatter_slots=slot_to_row.shape[0], schedule=sched, **_KW)  # [T*k, H], slot order
@@ -79,7 +80,7 @@ def fused_moe_backward_triton(
     grad_out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
     activation: str, gated: bool, w13_bias: Optional[Tensor], w2_bias: Optional[Tensor],
     apply_router_weight_on_input: bool, capacity: Optional[int], expert_map: Optional[Tensor],
-    preactivation: Optional[Tensor],
+    gate_up_interleaved: bool, preactivation: Optional[Tensor],
 ) -> List[Tensor]:
     """Gradients ``(hidden, w13, w2, topk_weights, w13_bias, w2_bias)`` (empty where there is no bias);
     GEMM1 is recomputed unless ``preactivation`` (the forward's ``pre``) is given."""
@@ -95,7 +96,7 @@ def fused_moe_backward_triton(
     # dA = (w dY) . W2 -> dH [P, 2I], act(h) [P, I], d(routing weight) partials (weight after the experts)
     dh, a, *parts = _gg.grouped_gemm(
         grad_out, w2, offsets, None, slots, False, gather_top_k=k, activation=activation, gated=gated,
-        row_weights=None if on_input else w_flat, schedule=sched, act_grad_of=h, row_dots=not on_input,
+        interleaved=gate_up_interleaved, row_weights=None if on_input else w_flat, schedule=sched, act_grad_of=h, row_dots=not on_input,
         bias_dot=w2_bias if not on_input else None, **_KW)
     # dX rows = dH . W13, scaled by the input weight, scattered to slot order (partials: weight on the input)
     dx = _gg.grouped_gemm(
@@ -114,23 +115,23 @@ def fused_moe_backward_triton(
 
 
 def _setup(ctx, inputs, output):
-    hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input, capacity, expert_map, save = inputs
+    hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input, capacity, expert_map, inter, save = inputs
     ctx.save_for_backward(hidden, w13, w2, topk_weights, topk_ids, b13, b2, expert_map, output[1] if save else None)
-    ctx.cfg = (act, gated, on_input, capacity)
+    ctx.cfg = (act, gated, on_input, capacity, inter)
     ctx.set_materialize_grads(False)  # no zeros for the unused gradient of ``pre``
 
 
 def _backward(ctx, grad, _grad_pre):
     hidden, w13, w2, topk_weights, topk_ids, b13, b2, expert_map, pre = ctx.saved_tensors
-    act, gated, on_input, capacity = ctx.cfg
+    act, gated, on_input, capacity, inter = ctx.cfg
     if grad is None:
-        return (None,) * 13
+        return (None,) * 14
     g = fused_moe_backward_triton(grad, hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input,
-                                  capacity, expert_map, pre)
+                                  capacity, expert_map, inter, pre)
     need = ctx.needs_input_grad
     return (g[0] if need[0] else None, g[1] if need[1] else None, g[2] if need[2] else None,
             g[3] if need[3] else None, None, None, None, g[4] if b13 is not None and need[7] else None,
-            g[5] if b2 is not None and need[8] else None, None, None, None, None)
+            g[5] if b2 is not None and need[8] else None, None, None, None, None, None)
 
 
 fused_moe_triton.register_autograd(_backward, setup_context=_setup)
@@ -147,10 +148,11 @@ def _supports(hidden, w13, *args, **kwargs):
 
 @_backends.register("fused_moe", "triton", _supports)
 def fused_moe(*args):
-    return _FWD(*args, False)[0]
+    """The op's 12 arguments, then optionally ``gate_up_interleaved`` (as every backend takes it)."""
+    return _FWD(*args[:12], bool(args[12]) if len(args) > 12 else False, False)[0]
 
 
 @_backends.register("fused_moe_saved", "triton", _supports)
 def fused_moe_saved(*args):
     """fused_moe keeping the pre-activation for the backward (``save_preactivation=True``)."""
-    return _FWD(*args, True)[0]
+    return _FWD(*args[:12], bool(args[12]) if len(args) > 12 else False, True)[0]

@@ -26,8 +26,9 @@ def grads(backend, dtype, tensors, ids, g, **kw):
     return out, [None if t is None else t.grad for t in leaves]
 
 
-CASES = [  # activation, gated, bias, on_input, capacity, expert_map
+CASES = [  # activation, gated, bias, on_input, capacity, expert_map (, gate_up_interleaved)
     ("silu", True, True, False, None, False),
+    ("swiglu_oai", True, True, False, None, "interleaved"),  # gpt-oss: gate and up rows alternate
     ("gelu", True, False, True, None, False),
     ("relu", True, True, False, 3, False),
     ("swiglu_oai", True, True, False, None, True),
@@ -43,9 +44,11 @@ def test_fused_backward_matches_float64(activation, gated, bias, on_input, capac
     x = torch.randn(T, H, device=DEV) * (3 if activation == "swiglu_oai" else 1)
     w13 = torch.randn(E, (2 if gated else 1) * I, H, device=DEV) / H**0.5
     w2 = torch.randn(E, H, I, device=DEV) / I**0.5
-    w, ids = mk.topk_gating(torch.randn(T, E + 2 if use_map else E, device=DEV), k, backend="torch")
+    w, ids = mk.topk_gating(torch.randn(T, E + 2 if use_map is True else E, device=DEV), k, backend="torch")
     ids[0, 1] = -1  # a dropped slot
     kw = dict(activation=activation, gated=gated, apply_router_weight_on_input=on_input, capacity=capacity)
+    if use_map == "interleaved":
+        kw["gate_up_interleaved"], use_map = True, False
     if use_map:  # 7 global experts, 5 here (global 2 and 5 live elsewhere)
         kw["expert_map"] = torch.tensor([0, 1, -1, 2, 3, -1, 4], dtype=torch.int32, device=DEV)
     b13 = torch.randn(E, w13.shape[1], device=DEV) if bias else None

@@ -30,9 +30,9 @@ def inputs(T, H, I, E, k, ids=None, bias=False):
 def test_decode_forward_in_six_device_ops():
     """plan (histogram, scan, rank + tile schedule), GEMM1, GEMM2, combine; no torch glue (was 52)."""
     x, w13, w2, w, ids, _, _ = inputs(4, 64, 32, 8, 2)
-    OP(x, w13, w2, w, ids, "silu", True, None, None, False, None, None, False)  # compile nothing twice
+    OP(x, w13, w2, w, ids, "silu", True, None, None, False, None, None, False, False)  # compile nothing twice
     with count_device_ops() as c:
-        OP(x, w13, w2, w, ids, "silu", True, None, None, False, None, None, False)
+        OP(x, w13, w2, w, ids, "silu", True, None, None, False, None, None, False, False)
     assert c.torch_ops == [], c.torch_ops
     assert c.device_ops <= 6, c.launches
     assert c.launches.count("grouped_gemm_kernel") == 2

@@ -12,6 +12,7 @@ Flags of the one kernel (no twin kernels):
 - ``GATHER``: row r reads ``x[sorted_slots[r] // k]`` (token order) instead of ``x[r]``.
 - ``ACT``: a gated activation epilogue; the program computes the gate tile (rows ``[n, n+BN)`` of w)
   and the up tile (rows ``[I+n, ...)``) and writes ``act(gate) * up`` (bias added before the act).
+  ``INTERLEAVED``: gate and up rows alternate (gpt-oss): gate rows ``2n``, up rows ``2n+1``.
 - ``SCATTER``: write row r at its slot ``sorted_slots[r]`` (token order), for a deterministic
   reduction over the k slots afterwards; ``OUT_SCALE`` multiplies it by its routing weight first.
 - ``IN_SCALE``: scale the gathered rows by their routing weight before the product (Llama-4).
@@ -41,16 +42,17 @@ ACTS = {"none": 0, "silu": 1, "gelu": 2, "relu": 3, "swiglu_oai": 4}
 
 @triton.jit
 def _activate(g, u, ACT: tl.constexpr, GATED: tl.constexpr):
+    # max/min propagate NaN (the default drops it): a NaN token gives a NaN row, as the reference does
     if ACT == 4:  # gpt-oss: clamped gate and up, (up + 1) * gate * sigmoid(1.702 gate)
-        g = tl.minimum(g, 7.0)
-        u = tl.minimum(tl.maximum(u, -7.0), 7.0)
+        g = tl.minimum(g, 7.0, propagate_nan=tl.PropagateNan.ALL)
+        u = tl.minimum(tl.maximum(u, -7.0, propagate_nan=tl.PropagateNan.ALL), 7.0, propagate_nan=tl.PropagateNan.ALL)
         return (u + 1.0) * g * tl.sigmoid(1.702 * g)
     if ACT == 1:
         a = g * tl.sigmoid(g)
     elif ACT == 2:
         a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
     elif ACT == 3:
-        a = tl.maximum(g, 0.0)
+        a = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         a = g
     if GATED:
@@ -69,8 +71,8 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 def _activate_backward(da, g, u, ACT: tl.constexpr, GATED: tl.constexpr):
     """``(d gate, d up, act)`` of ``act(g) * u`` (or ``act(g)``) given ``da`` = d loss / d act, in fp32."""
     if ACT == 4:
-        gc = tl.minimum(g, 7.0)
-        uc = tl.minimum(tl.maximum(u, -7.0), 7.0)
+        gc = tl.minimum(g, 7.0, propagate_nan=tl.PropagateNan.ALL)
+        uc = tl.minimum(tl.maximum(u, -7.0, propagate_nan=tl.PropagateNan.ALL), 7.0, propagate_nan=tl.PropagateNan.ALL)
         sg = tl.sigmoid(1.702 * gc)
         dg = tl.where(g <= 7.0, da * (uc + 1.0) * (sg + 1.702 * gc * sg * (1.0 - sg)), 0.0)
         du = tl.where((u >= -7.0) & (u <= 7.0), da * gc * sg, 0.0)
@@ -84,7 +86,7 @@ def _activate_backward(da, g, u, ACT: tl.constexpr, GATED: tl.constexpr):
         act = g * cdf
         dact = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
     elif ACT == 3:
-        act = tl.maximum(g, 0.0)
+        act = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)
         dact = tl.where(g > 0.0, 1.0, 0.0)
     else:
         act = g
@@ -113,7 +115,7 @@ def _gemm_tile(
     HAS_SLOTS: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr, STORE_PRE: tl.constexpr, ACT_BWD: tl.constexpr, ROW_DOT: tl.constexpr, BIAS_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     e = tl.load(tile_expert_ptr + m_tile).to(tl.int64)
     row0 = tl.load(tile_row_ptr + m_tile).to(tl.int64)
@@ -141,10 +143,14 @@ def _gemm_tile(
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + src[:, None] * stride_xm + ks[None, :] * stride_xk
         w_e = w_ptr + e * stride_we
-        g_ptrs = w_e + cols[None, :] * stride_wn + ks[:, None] * stride_wk  # [BK, BN]
+        # gate columns of w13 / b13 / h (gate then up, or interleaved): gate c at g_cols, its up at + up_shift
+        g_cols = cols * 2 if INTERLEAVED else cols
+        up_shift = 1 if INTERLEAVED else inter
+        w_cols = g_cols if DUAL else cols
+        g_ptrs = w_e + w_cols[None, :] * stride_wn + ks[:, None] * stride_wk  # [BK, BN]
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if DUAL:
-            u_ptrs = g_ptrs + inter * stride_wn
+            u_ptrs = g_ptrs + up_shift * stride_wn
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if BIAS_DOT:  # <bias_dot[e], x row>, from the A tiles already loaded
             bdot = tl.zeros([BLOCK_M], tl.float32)
@@ -172,11 +178,12 @@ def _gemm_tile(
             # dA = dY . W2 tile -> dH from the pre-activation h; act(h) for dW2; d(routing weight) partial
             wmask = (rows < row_end)[:, None] & cmask[None, :]
             hmask = rmask[:, None] & cmask[None, :]
-            h_ptrs = pre_ptr + rows[:, None] * stride_pre + cols[None, :]
+            h_cols = g_cols if GATED else cols
+            h_ptrs = pre_ptr + rows[:, None] * stride_pre + h_cols[None, :]
             hg = tl.load(h_ptrs, mask=hmask, other=0.0).to(tl.float32)
             hu = hg
             if GATED:
-                hu = tl.load(h_ptrs + inter, mask=hmask, other=0.0).to(tl.float32)
+                hu = tl.load(h_ptrs + up_shift, mask=hmask, other=0.0).to(tl.float32)
             da = acc_g
             if OUT_SCALE:
                 da = da * row_w[:, None]
@@ -186,23 +193,23 @@ def _gemm_tile(
                 if BIAS_DOT:
                     part += tl.where(n_tile == 0, bdot, 0.0)
                 tl.store(part_ptr + n_tile * stride_part + slot, part, mask=rmask)
-            d_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+            d_ptrs = y_ptr + rows[:, None] * stride_ym + h_cols[None, :]
             tl.store(d_ptrs, tl.where(rmask[:, None], dg, 0.0).to(y_ptr.dtype.element_ty), mask=wmask)
             if GATED:
-                tl.store(d_ptrs + inter, tl.where(rmask[:, None], du, 0.0).to(y_ptr.dtype.element_ty), mask=wmask)
+                tl.store(d_ptrs + up_shift, tl.where(rmask[:, None], du, 0.0).to(y_ptr.dtype.element_ty), mask=wmask)
             tl.store(act_out_ptr + rows[:, None] * N + cols[None, :],
                      tl.where(rmask[:, None], act, 0.0).to(act_out_ptr.dtype.element_ty), mask=wmask)
         else:
             if HAS_BIAS:
-                acc_g += tl.load(bias_ptr + e * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                acc_g += tl.load(bias_ptr + e * stride_be + w_cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
                 if DUAL:
-                    acc_u += tl.load(bias_ptr + e * stride_be + inter + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            if STORE_PRE:  # the pre-activation, kept for the backward
+                    acc_u += tl.load(bias_ptr + e * stride_be + up_shift + g_cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if STORE_PRE:  # the pre-activation (in w13's row order), kept for the backward
                 pmask = (rows < row_end)[:, None] & cmask[None, :]
-                p_ptrs = pre_ptr + rows[:, None] * stride_pre + cols[None, :]
+                p_ptrs = pre_ptr + rows[:, None] * stride_pre + w_cols[None, :]
                 tl.store(p_ptrs, tl.where(rmask[:, None], acc_g, 0.0).to(pre_ptr.dtype.element_ty), mask=pmask)
                 if DUAL:
-                    tl.store(p_ptrs + inter, tl.where(rmask[:, None], acc_u, 0.0).to(pre_ptr.dtype.element_ty), mask=pmask)
+                    tl.store(p_ptrs + up_shift, tl.where(rmask[:, None], acc_u, 0.0).to(pre_ptr.dtype.element_ty), mask=pmask)
             if ACT != 0:
                 if DUAL:
                     acc_g = _activate(acc_g, acc_u, ACT, GATED)
@@ -235,7 +242,7 @@ def grouped_gemm_kernel(
     OUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT_BWD: tl.constexpr, ROW_DOT: tl.constexpr, BIAS_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, NUM_PROGS: tl.constexpr,
+    PERSISTENT: tl.constexpr, NUM_PROGS: tl.constexpr, INTERLEAVED: tl.constexpr = False,
 ):
     """One (m-tile, n-tile) per program over ``num_m_tiles`` (a bound) x n-tiles, in GROUP_M order; or,
     PERSISTENT, NUM_PROGS programs striding over the real tiles only."""
@@ -249,7 +256,7 @@ def grouped_gemm_kernel(
                 offsets_ptr, pre_ptr, act_out_ptr, tok_ptr, part_ptr, N, K, inter, top_k, num_experts, num_rows,
                 stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_ym, stride_pre, stride_tok,
                 stride_part, HAS_SLOTS, GATHER, SCATTER, IN_SCALE, OUT_SCALE, HAS_BIAS, ACT, GATED, UPCAST, IEEE,
-                STORE_PRE, ACT_BWD, ROW_DOT, BIAS_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
+                STORE_PRE, ACT_BWD, ROW_DOT, BIAS_DOT, BLOCK_M, BLOCK_N, BLOCK_K, INTERLEAVED,
             )
     else:
         m_tile, n_tile = _tile_coords(tl.program_id(0), num_m_tiles, num_n, GROUP_M)
@@ -259,7 +266,7 @@ def grouped_gemm_kernel(
                 offsets_ptr, pre_ptr, act_out_ptr, tok_ptr, part_ptr, N, K, inter, top_k, num_experts, num_rows,
                 stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_ym, stride_pre, stride_tok,
                 stride_part, HAS_SLOTS, GATHER, SCATTER, IN_SCALE, OUT_SCALE, HAS_BIAS, ACT, GATED, UPCAST, IEEE,
-                STORE_PRE, ACT_BWD, ROW_DOT, BIAS_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
+                STORE_PRE, ACT_BWD, ROW_DOT, BIAS_DOT, BLOCK_M, BLOCK_N, BLOCK_K, INTERLEAVED,
             )
 
 
@@ -337,11 +344,12 @@ def _interpreting() -> bool:
 
 def grouped_gemm(
     x, w, expert_offsets, bias, sorted_slots, trans_w, *, gather_top_k=0, activation="none", gated=False,
-    row_weights=None, scale_input=False, scatter_slots=0, slot_top_k=0, config=None, schedule=None, store_pre=False,
+    interleaved=False, row_weights=None, scale_input=False, scatter_slots=0, slot_top_k=0, config=None, schedule=None,
+    store_pre=False,
     act_grad_of=None, row_dots=False, dot_tokens=None, bias_dot=None, launch=identity_launch, empty,
 ):
     """Launcher. ``w[e]`` is ``[N, K]`` (``trans_w``) or ``[K, N]``; N counts output columns (``inter``
-    for a gated activation, whose weight has ``2*inter`` rows). ``row_weights`` (per slot, ``[T*k]``)
+    for a gated activation, whose weight has ``2*inter`` rows, gate then up or ``interleaved``). ``row_weights`` (per slot, ``[T*k]``)
     scale the input rows (``scale_input``) or the output rows. Returns ``[P, N]`` in expert order, or
     ``[scatter_slots, N]`` in slot order when ``scatter_slots > 0`` (rows of dropped slots not written).
     ``config`` overrides the tile config (for tuning); ``schedule`` is the plan's tile schedule (its
@@ -350,7 +358,8 @@ def grouped_gemm(
     Fused epilogues (the training backward):
     - ``store_pre``: also return the pre-activation ``[P, 2I]`` (``(y, pre)``).
     - ``act_grad_of=h``: this GEMM is dA = dY . W2; the epilogue applies the activation's backward at
-      ``h`` (scaled by ``row_weights`` first) and returns ``(dh [P, 2I], act(h) [P, I], parts)``.
+      ``h`` (scaled by ``row_weights`` first) and returns ``(dh [P, 2I], act(h) [P, I], parts)``; h and dh
+      in w13's row order (``interleaved`` or gate then up).
     - ``row_dots``: ``parts [n_tiles, S]`` fp32, per-slot partial dots summed by the combine kernel:
       ``<act(h), dA>`` (+ ``<bias_dot[e], dY row>``) with ``act_grad_of``; else ``<y row before the
       weight, dot_tokens[slot // slot_top_k]>``; returned last.
@@ -410,7 +419,7 @@ def grouped_gemm(
         ACT=ACTS[activation], GATED=gated, UPCAST=_interpreting() and x.dtype == torch.bfloat16,
         IEEE=x.dtype == torch.float32, STORE_PRE=store_pre, ACT_BWD=act_bwd, ROW_DOT=row_dots,
         BIAS_DOT=bias_dot is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-        PERSISTENT=persistent, NUM_PROGS=cfg["NUM_PROGS"] if persistent else 1,
+        PERSISTENT=persistent, NUM_PROGS=cfg["NUM_PROGS"] if persistent else 1, INTERLEAVED=bool(interleaved and gated),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return outs if len(outs) > 1 else y

@@ -1,7 +1,9 @@
 """Tile configs of the grouped GEMM and dW kernels, chosen per GPU architecture.
 
-The target is the tensors' device (compute capability, shared memory per block, SM count); a tuned
-JSON file (see :mod:`configs`) overrides the heuristic for its shape. The heuristic:
+The target is ``_launch.target`` (the tensors' GPU or ``MOE_KERNELS_ASSUME_DEVICE``: compute capability,
+shared memory per block, SM count); a tuned JSON file (see :mod:`configs`) overrides the heuristic for
+its shape. Rows per expert come from ``configs._rows_per_expert`` (fixed in the batch-invariant mode).
+The heuristic:
 
 ============ ============================== =================================================
 rows/expert  tile (BLOCK_M x BLOCK_N x K)    why
@@ -26,33 +28,29 @@ On CPU (the interpreter) tiles are clamped small to keep it fast; the results do
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-from . import configs
+from . import _launch, configs
 from ._utils import next_pow2
 
-SMEM = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376}
-DEFAULT_SMEM = 101376  # the smallest of the list: safe for an architecture not in it
+DEFAULT_SMEM = 101376  # the smallest of the targets: safe for an architecture not listed
+L2 = {"sm_80": 40 * 2**20, "sm_86": 6 * 2**20, "sm_89": 72 * 2**20, "sm_90": 50 * 2**20, "sm_100": 126 * 2**20}
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=16)
-def _cuda_target(index: int) -> tuple[tuple[int, int], int, int]:
-    props = torch.cuda.get_device_properties(index)
-    cap = (props.major, props.minor)
-    smem = getattr(props, "shared_memory_per_block_optin", 0) or SMEM.get(cap, DEFAULT_SMEM)
-    return cap, smem, props.multi_processor_count
-
-
-ASSUMED = {"sm_90": ((9, 0), 232448, 132), "sm_80": ((8, 0), 166912, 108), "sm_86": ((8, 6), 101376, 84),
-           "sm_89": ((8, 9), 101376, 128)}  # H100/H200, A100, A40/RTX 30, L40/RTX 40
-L2 = {"sm_90": 50 * 2**20, "sm_80": 40 * 2**20, "sm_86": 6 * 2**20, "sm_89": 72 * 2**20}
+def target(device: torch.device) -> tuple[tuple[int, int], int, int]:
+    """``(compute capability, shared memory per block in bytes, SMs)`` of ``_launch.target`` (the
+    tensors' GPU, or ``MOE_KERNELS_ASSUME_DEVICE``); for CPU tensors in the interpreter with no assumed
+    device a small stand-in (4 SMs), so that the persistent loops run several tiles a program there."""
+    if device.type == "cpu" and interpreting() and not os.environ.get("MOE_KERNELS_ASSUME_DEVICE"):
+        return (0, 0), DEFAULT_SMEM, 4
+    t = _launch.target(device)
+    return t.capability, t.smem_per_block, t.sm_count
 
 
 def l2_bytes(device: torch.device) -> int:
@@ -60,7 +58,9 @@ def l2_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         return getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 0) or L2["sm_86"]
-    return L2.get(os.environ.get("MOE_KERNELS_ASSUME_DEVICE", ""), L2["sm_86"])
+    if device.type == "cpu" and interpreting() and not os.environ.get("MOE_KERNELS_ASSUME_DEVICE"):
+        return L2["sm_86"]
+    return L2.get(_launch.target(device).arch, L2["sm_86"])
 
 
 def group_m(block: int, K: int, es: int, l2: int) -> int:
@@ -68,19 +68,6 @@ def group_m(block: int, K: int, es: int, l2: int) -> int:
     (1 to 32), so that a group's rows stay in L2 while its other tiles stream the weights, and each
     weight tile is read from HBM once per group (the rest of L2 holds a wave's weight tiles)."""
     return max(1, min(32, (l2 * 7 // 10) // max(block * K * es, 1)))
-
-
-def target(device: torch.device) -> tuple[tuple[int, int], int, int]:
-    """``(compute capability, shared memory per block in bytes, SMs)`` of the device, or of
-    ``MOE_KERNELS_ASSUME_DEVICE`` (``sm_90``, ``sm_80``, ``sm_86``, ``sm_89``) for tensors not on a GPU
-    (compile checks); for CPU tensors (the interpreter) else a small stand-in, so that the persistent
-    paths run there too."""
-    if device.type == "cuda":
-        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
-    assumed = os.environ.get("MOE_KERNELS_ASSUME_DEVICE", "")
-    if assumed in ASSUMED:
-        return ASSUMED[assumed]
-    return (0, 0), DEFAULT_SMEM, 4
 
 
 def smem_bytes(bm: int, bn: int, bk: int, stages: int, es: int, n_w: int = 1) -> int:
@@ -107,7 +94,7 @@ def gemm_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype,
     if tuned:
         cfg = dict(tuned[min(tuned, key=lambda m: abs(m - M))])
     else:
-        rows = max(1, M // max(E, 1))  # average rows per expert
+        rows = max(1, configs._rows_per_expert(M, E))  # fixed in the batch-invariant mode, never from T
         if rows <= 16:
             cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
         elif rows <= 32:
