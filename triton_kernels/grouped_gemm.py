@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._utils import identity_launch
-from .schedule import tile_schedule
+from .schedule import _sym_min, tile_schedule
 from .tiles import gemm_config, interpreting, wgrad_config
 
 ACTS = {"none": 0, "silu": 1, "gelu": 2, "relu": 3, "swiglu_oai": 4}
@@ -398,7 +398,7 @@ def grouped_gemm(
         schedule = tile_schedule(expert_offsets, P, bm, launch=launch, empty=empty)
     total = schedule.max_tiles * n_tiles
     persistent = bool(cfg.get("PERSISTENT", False))
-    grid = (min(total, cfg["NUM_PROGS"]) if persistent else total,)
+    grid = (_sym_min(total, cfg["NUM_PROGS"]) if persistent else total,)  # no guard on the token count
     bias = bias.contiguous() if bias is not None else None
     bias_dot = bias_dot.contiguous() if bias_dot is not None else None
     h_arg = act_grad_of if act_bwd else pre

@@ -96,7 +96,8 @@ def tile_schedule(expert_offsets: torch.Tensor, num_rows: int, tile_m: int, *, l
     sched = empty_schedule(num_rows, E, tile_m, expert_offsets.device, empty)
     block_e = max(next_pow2(E + 1), 16)
     per_prog = 256
-    launch(tile_schedule_kernel)[(max(1, triton.cdiv(sched.max_tiles, per_prog)),)](
+    grid = triton.cdiv(sched.max_tiles, per_prog)  # >= 1: callers launch only for rows > 0
+    launch(tile_schedule_kernel)[(grid,)](
         expert_offsets, sched.tile_segment, sched.tile_row, sched.num_tiles, E, num_rows, sched.max_tiles, per_prog,
         TILE_M=tile_m, BLOCK_E=block_e, BLOCK_T=block_t(block_e),
     )
