@@ -23,14 +23,16 @@ from . import reference as ref
 @custom_op("moe_kernels::topk_gating", mutates_args=())
 def topk_gating(
     logits: Tensor, correction_bias: Optional[Tensor], top_k: int, scoring: str, renormalize: bool,
-    num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool,
+    num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool, group_n: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    w, ids = ref.topk_gating(logits, top_k, scoring, renormalize, correction_bias, num_groups, topk_groups, scaling_factor)
+    w, ids = ref.topk_gating(logits, top_k, scoring, renormalize, correction_bias, num_groups, topk_groups, scaling_factor,
+                             group_n)
     counts, sums = ref.gating_stats(logits, ids, scoring) if with_stats else (ids.new_empty(0), w.new_empty(0))
     return w, ids, counts, sums
 
 
-def gating_fake(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, with_stats):
+def gating_fake(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, with_stats,
+                group_n):
     T, E = logits.shape
     n = E if with_stats else 0
     f = ref.acc_dtype(logits.dtype)
@@ -173,6 +175,19 @@ def plan_fake(topk_ids, num_experts, block_size, capacity, expert_map):
     )
 
 
+@custom_op("moe_kernels::capacity_drop", mutates_args=())
+def capacity_drop(
+    topk_ids: Tensor, num_experts: int, capacity: int, drop_policy: str, topk_weights: Optional[Tensor],
+    expert_map: Optional[Tensor],
+) -> Tensor:
+    return ref.capacity_drop(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map)
+
+
+@capacity_drop.register_fake
+def capacity_drop_fake(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map):
+    return topk_ids.new_empty(topk_ids.shape, dtype=torch.int32)
+
+
 @custom_op("moe_kernels::permute", mutates_args=())
 def permute(x: Tensor, sorted_slots: Tensor, slot_to_row: Tensor, top_k: int, row_weights: Optional[Tensor]) -> Tensor:
     return ref.permute(x, sorted_slots, top_k, row_weights)
@@ -299,6 +314,29 @@ def gemm_autograd(gemm_op, wgrad_op, segment_sum_op):
 
 _bwd, _setup = gemm_autograd(grouped_gemm, grouped_gemm_wgrad, segment_sum)
 grouped_gemm.register_autograd(_bwd, setup_context=_setup)
+
+
+def wgrad_autograd(gemm_op):
+    """``(backward, setup_context)`` of one backend's grouped_gemm_wgrad op ``(a, b, expert_offsets,
+    sorted_slots)`` -> ``[E, A, B]``: ``da[r] = b[r] @ g[e].T`` and ``db[r] = a[r] @ g[e]``, both the
+    grouped GEMM (zero on rows outside the segments and on padding rows, which did not count)."""
+
+    def setup_context(ctx, inputs, output):
+        a, b, offsets, sorted_slots = inputs
+        ctx.save_for_backward(a, b, offsets, sorted_slots)
+
+    def backward(ctx, grad):
+        a, b, offsets, sorted_slots = ctx.saved_tensors
+        g = grad.to(a.dtype)
+        ga = gemm_op(b, g, offsets, None, sorted_slots, True) if ctx.needs_input_grad[0] else None
+        gb = gemm_op(a, g, offsets, None, sorted_slots, False) if ctx.needs_input_grad[1] else None
+        return ga, gb, None, None
+
+    return backward, setup_context
+
+
+_bwd, _setup = wgrad_autograd(grouped_gemm)
+grouped_gemm_wgrad.register_autograd(_bwd, setup_context=_setup)
 
 # ----- activation ------------------------------------------------------------------------------------
 

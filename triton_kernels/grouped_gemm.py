@@ -33,16 +33,17 @@ ACTS = {"none": 0, "silu": 1, "gelu": 2, "relu": 3, "swiglu_oai": 4}
 
 @triton.jit
 def _activate(g, u, ACT: tl.constexpr, GATED: tl.constexpr):
+    # max/min propagate NaN (the default drops it): a NaN token gives a NaN row, as the reference does
     if ACT == 4:  # gpt-oss: clamped gate and up, (up + 1) * gate * sigmoid(1.702 gate)
-        g = tl.minimum(g, 7.0)
-        u = tl.minimum(tl.maximum(u, -7.0), 7.0)
+        g = tl.minimum(g, 7.0, propagate_nan=tl.PropagateNan.ALL)
+        u = tl.minimum(tl.maximum(u, -7.0, propagate_nan=tl.PropagateNan.ALL), 7.0, propagate_nan=tl.PropagateNan.ALL)
         return (u + 1.0) * g * tl.sigmoid(1.702 * g)
     if ACT == 1:
         a = g * tl.sigmoid(g)
     elif ACT == 2:
         a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
     elif ACT == 3:
-        a = tl.maximum(g, 0.0)
+        a = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         a = g
     if GATED:
