@@ -4,6 +4,8 @@ every backend beside these baselines:
 - ``hf_eager`` and ``hf_grouped_mm``: the transformers (>= 5.0) MoE block of the model's family with that
   experts implementation, built at the benchmark size and holding the layer's own parameters (see
   ``bench/hf_blocks.py``); skipped with the reason when transformers is missing;
+- ``hf_moe_kernels``: the same block on our registered experts implementation (``register()``); a kernel row,
+  whose goal on CPU is >= 1.0x ``hf_grouped_mm`` (a switch to our backend must never be slower);
 - ``unfused``: our ops called one after another, each with ``backend="auto"``: router, ``topk_gating``,
   ``plan_routing``, ``permute``, ``grouped_gemm``, activation, ``grouped_gemm``, ``unpermute`` (+ shared expert).
 
