@@ -51,10 +51,10 @@ if _gating is not None:
     @triton_op("moe_kernels::topk_gating_triton", mutates_args=())
     def topk_gating_triton(
         logits: Tensor, correction_bias: Optional[Tensor], top_k: int, scoring: str, renormalize: bool,
-        num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool,
+        num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool, group_n: int,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         return _gating.topk_gating(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups,
-                                   scaling_factor, with_stats, launch=_LAUNCH, empty=_empty)
+                                   scaling_factor, with_stats, group_n, launch=_LAUNCH, empty=_empty)
 
     @triton_op("moe_kernels::topk_gating_backward_triton", mutates_args=())
     def topk_gating_backward_triton(
@@ -111,6 +111,14 @@ if _gating is not None:
 
     _backends.register("plan_routing", "triton", _plan_supports)(torch.ops.moe_kernels.plan_routing_triton.default)
 
+    @triton_op("moe_kernels::capacity_drop_triton", mutates_args=())
+    def capacity_drop_triton(topk_ids: Tensor, num_experts: int, capacity: int, drop_policy: str,
+                             topk_weights: Optional[Tensor], expert_map: Optional[Tensor]) -> Tensor:
+        return _plan.capacity_drop(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map,
+                                   launch=wrap_triton, empty=_empty)
+
+    _backends.register("capacity_drop", "triton", _plan_supports)(torch.ops.moe_kernels.capacity_drop_triton.default)
+
     @triton_op("moe_kernels::grouped_gemm_triton", mutates_args=())
     def grouped_gemm_triton(x: Tensor, w: Tensor, expert_offsets: Tensor, bias: Optional[Tensor],
                             sorted_slots: Optional[Tensor], trans_w: bool) -> Tensor:
@@ -132,6 +140,10 @@ if _gating is not None:
         return _no_fp64(x)
 
     _backends.register("grouped_gemm", "triton", _gemm_supports)(torch.ops.moe_kernels.grouped_gemm_triton.default)
+    _bwd, _setup = ops.wgrad_autograd(grouped_gemm_triton)
+    grouped_gemm_wgrad_triton.register_autograd(_bwd, setup_context=_setup)
+    _backends.register("grouped_gemm_wgrad", "triton", _gemm_supports)(
+        torch.ops.moe_kernels.grouped_gemm_wgrad_triton.default)
 
     def _moe_plan(topk_ids, num_experts, capacity, expert_map, kw):
         return _plan.plan_routing(topk_ids, num_experts, 1, capacity, expert_map, **kw)
@@ -140,7 +152,7 @@ if _gating is not None:
     def fused_moe_triton(
         hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str, gated: bool,
         w13_bias: Optional[Tensor], w2_bias: Optional[Tensor], apply_router_weight_on_input: bool,
-        capacity: Optional[int], expert_map: Optional[Tensor],
+        capacity: Optional[int], expert_map: Optional[Tensor], gate_up_interleaved: bool = False,
     ) -> Tensor:
         """plan -> GEMM1 (gather, activation) -> GEMM2 (weights, scatter to slots) -> sum over the k slots.
         Neither a permuted copy of ``hidden`` nor the pre-activation is written."""
@@ -149,7 +161,8 @@ if _gating is not None:
         slots, offsets, _, slot_to_row = _moe_plan(topk_ids, w13.shape[0], capacity, expert_map, kw)
         w_flat = topk_weights.reshape(-1).float().contiguous()
         h = _gg.grouped_gemm(hidden, w13, offsets, w13_bias, slots, True, gather_top_k=k, activation=activation,
-                             gated=gated, row_weights=w_flat if on_input else None, scale_input=True, **kw)  # [P, I]
+                             gated=gated, interleaved=gate_up_interleaved, row_weights=w_flat if on_input else None,
+                             scale_input=True, **kw)  # [P, I]
         y_slots = _gg.grouped_gemm(h, w2, offsets, w2_bias, slots, True, row_weights=None if on_input else w_flat,
                                    scatter_slots=slot_to_row.shape[0], **kw)  # [T*k, H], token order
         kept = torch.where(slot_to_row >= 0, torch.arange(slot_to_row.shape[0], device=hidden.device), -1)
@@ -160,6 +173,7 @@ if _gating is not None:
         grad_out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
         activation: str, gated: bool, w13_bias: Optional[Tensor], w2_bias: Optional[Tensor],
         apply_router_weight_on_input: bool, capacity: Optional[int], expert_map: Optional[Tensor],
+        gate_up_interleaved: bool = False,
     ) -> List[Tensor]:
         """Gradients ``(hidden, w13, w2, topk_weights, w13_bias, w2_bias)``; the first GEMM and the
         activation are recomputed (only the inputs are kept from forward)."""
@@ -170,10 +184,10 @@ if _gating is not None:
         w_out = None if on_input else topk_weights
         xs = _permute.permute(hidden, slots, slot_to_row, k, w_in, **kw)  # [P, H]
         h = _gg.grouped_gemm(xs, w13, offsets, w13_bias, slots, True, **kw)  # [P, 2I] pre-activation
-        a = ref.activation(h, activation, gated)  # [P, I]
+        a = ref.activation(h, activation, gated, gate_up_interleaved)  # [P, I]
         g_ys = _permute.permute(grad_out, slots, slot_to_row, k, w_out, **kw)  # [P, H]
         g_a = _gg.grouped_gemm(g_ys, w2, offsets, None, slots, False, **kw)  # [P, I]
-        g_h = ref.activation_backward(g_a, h, activation, gated)  # [P, 2I]
+        g_h = ref.activation_backward(g_a, h, activation, gated, gate_up_interleaved)  # [P, 2I]
         g_xs = _gg.grouped_gemm(g_h, w13, offsets, None, slots, False, **kw)  # [P, H]
         g_hidden = _permute.unpermute(g_xs, slots, slot_to_row, k, w_in, **kw)
         if on_input:

@@ -154,7 +154,7 @@ def lora_moe_dense(x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk
     N = lora_b.shape[1]
     ids = topk_ids.long()
     gate = torch.zeros(T, E + 1, dtype=topk_weights.dtype, device=x.device)
-    gate = gate.scatter_add(1, torch.where(ids >= 0, ids, E), topk_weights)[:, :E]  # [T, E]; ids of a token are distinct
+    gate = gate.scatter_add(1, torch.where((ids >= 0) & (ids < E), ids, E), topk_weights)[:, :E]  # [T, E]; ids of a token are distinct
     h = F.linear(x, lora_a.reshape(E * r, K)).view(T, E, r) * (scaling * gate).to(x.dtype)[:, :, None]
     b_cat = lora_b.permute(1, 0, 2).reshape(N, E * r)
     return torch.addmm(F.linear(x, base_weight, base_bias), h.reshape(T, E * r), b_cat.t())
@@ -220,8 +220,8 @@ def lora_moe(
         raise ValueError(f"{fn}: lora_a must have at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
     _checks.check_tensor(fn, "lora_b", lora_b, ndim=3, dtypes=same, shape=(E, N, r),
                          layout=f"[E, N, r] (E={E} and rank r={r} of lora_a, N={N} of base_weight)")
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(T, None), layout="[T, k]")
-    k = topk_ids.shape[1]
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(T, None), layout="[T, k]")
+    k = _checks.check_top_k(fn, "topk_ids", topk_ids)
     _checks.check_tensor(fn, "topk_weights", topk_weights, dtypes=f, shape=(T, k), layout="[T, k]")
     if base_bias is not None:
         _checks.check_tensor(fn, "base_bias", base_bias, dtypes=same, shape=(N,), layout="[N] (x's dtype)")
@@ -229,7 +229,7 @@ def lora_moe(
         raise TypeError(f"{fn}: scaling must be a float, got {type(scaling).__name__}")
     _checks.check_same_device(fn, x=x, base_weight=base_weight, lora_a=lora_a, lora_b=lora_b, topk_weights=topk_weights,
                               topk_ids=topk_ids, base_bias=base_bias)
-    _checks.check_ids_in_range(fn, "topk_ids", topk_ids, E)
+    _checks.check_expert_ids(fn, "topk_ids", topk_ids, E)
     if backend == "auto" and dense_is_cheaper(K, N, E, r) and not is_batch_invariant():
         return lora_moe_dense(x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk_ids, float(scaling))
     impl = _backends.select(fn, backend, x.device, x, lora_a)

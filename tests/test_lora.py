@@ -282,7 +282,8 @@ def _bad(**over):
     (dict(base_bias=torch.randn(5)), ValueError, "base_bias must have shape"),
     (dict(scaling="2"), TypeError, "scaling must be a float"),
 ])
-def test_lora_moe_bad_input(over, err, match):
+def test_lora_moe_bad_input(over, err, match, monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_CHECK_VALUES", "1")  # strict mode: out-of-range ids raise
     args = _bad(**over)
     with pytest.raises(err, match=match):
         mk.lora_moe(args.pop("x"), args.pop("base_weight"), args.pop("lora_a"), args.pop("lora_b"),

@@ -51,10 +51,13 @@ def _load(path: str) -> dict[int, dict] | None:
 
 
 def _rows_per_expert(M: int, E: int) -> int:
-    """The row count the tiles are chosen for; fixed in the batch-invariant mode (never from T)."""
+    """The row count the tiles are chosen for; fixed in the batch-invariant mode (never from T).
+
+    Otherwise the token count enters only through the bucket of rows per expert (<= 16, <= 32, <= 256, more):
+    under torch.compile with a dynamic token count that is one graph per bucket, never one per size."""
     if is_batch_invariant():
         return INVARIANT_ROWS
-    return max(1, M // max(E, 1))  # average rows per expert
+    return M // max(E, 1)  # average rows per expert; the buckets below are the only dependence on M
 
 
 def default_config(M: int, N: int, K: int, E: int, dtype: torch.dtype, target: Target | None = None,
