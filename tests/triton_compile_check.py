@@ -220,7 +220,7 @@ def _load_cache() -> dict:
 def _save_cache(cache: dict) -> None:
     path = _cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs never rename a half-written file
     tmp.write_text(json.dumps(cache))
     tmp.replace(path)
 
