@@ -28,6 +28,7 @@ try:
     from .triton_kernels._launch import Launcher
 
     _LAUNCH = Launcher(wrap_triton)  # every launch below goes through the one launch path
+    wrap_triton = _LAUNCH  # so does a launcher given ``launch=wrap_triton``
     IMPORT_ERROR = None
 except Exception as exc:  # triton missing or broken: the backend reports why
     _gating = None
@@ -114,7 +115,7 @@ if _gating is not None:
     def capacity_drop_triton(topk_ids: Tensor, num_experts: int, capacity: int, drop_policy: str,
                              topk_weights: Optional[Tensor], expert_map: Optional[Tensor]) -> Tensor:
         return _plan.capacity_drop(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map,
-                                   launch=wrap_triton, empty=_empty)
+                                   launch=_LAUNCH, empty=_empty)
 
     _backends.register("capacity_drop", "triton", _plan_supports)(torch.ops.moe_kernels.capacity_drop_triton.default)
 

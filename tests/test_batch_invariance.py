@@ -13,7 +13,7 @@ from moe_kernels.triton_kernels import _launch, configs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 E, K, H, I, R = 4, 2, 64, 32, 8
-SMALL, LARGE = 3, 150  # 1.5 and 75 rows per expert
+SMALL, LARGE = 3, 72  # 1.5 and 36 rows per expert: 16-row tiles vs 64-row tiles with shorter K tiles
 
 
 def _cfg(T, gated=True):
@@ -66,7 +66,7 @@ def _need_triton():
         pytest.skip(mk.backends()["triton"].reason)
 
 
-@pytest.mark.parametrize("act,gated,bias", [("silu", True, False), ("swiglu_oai", True, True), ("relu", False, False)])
+@pytest.mark.parametrize("act,gated,bias", [("swiglu_oai", True, True), ("relu", False, False)])
 def test_fused_moe_forward_backward_bitwise_across_batch_sizes(act, gated, bias):
     _need_triton()
     x = torch.randn(LARGE, H, device=DEV)

@@ -41,7 +41,7 @@ def test_decode_config_of_the_gated_gemm_fits_every_target(monkeypatch):
     for arch, t in _launch.TARGETS.items():
         monkeypatch.setenv("MOE_KERNELS_ASSUME_DEVICE", arch)
         cfg = configs.get_config("gemm_gated", 8, 2048, 7168, 8, bf16, torch.device("cpu"))
-        assert configs.smem_bytes(cfg, bf16, gated=True) <= t.smem_per_block - configs.SMEM_RESERVE, arch
+        assert configs.smem_bytes(cfg, bf16, True, t) <= t.smem_per_block - configs.SMEM_RESERVE, arch
     monkeypatch.setenv("MOE_KERNELS_ASSUME_DEVICE", "sm_80")  # shorter K tiles first, the 4 stages kept
     assert configs.get_config("gemm_gated", 8, 2048, 7168, 8, bf16, torch.device("cpu")) == {**raw, "BLOCK_K": 64}
     monkeypatch.setenv("MOE_KERNELS_ASSUME_DEVICE", "sm_90")
@@ -57,9 +57,19 @@ def test_every_config_fits_shared_memory_and_registers(arch, dtype):
             for N, K in ((16, 16), (1408, 2048), (14336, 4096), (2880, 2880), (111, 989)):
                 for gated in (False, True):
                     cfg = configs.default_config(M, N, K, E, dtype, t, gated)
-                    assert configs.smem_bytes(cfg, dtype, gated) <= t.smem_per_block - configs.SMEM_RESERVE
+                    assert configs.smem_bytes(cfg, dtype, gated, t) <= t.smem_per_block - configs.SMEM_RESERVE
                     acc = (2 if gated else 1) * cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
                     assert acc <= configs.MAX_ACC_PER_THREAD
+
+
+def test_smem_estimate_matches_the_compiler():
+    """Figures read from bench/results/compile_sm80.md and compile_sm90a.md (bf16)."""
+    bf16, sm80, sm90 = torch.bfloat16, _launch.TARGETS["sm_80"], _launch.TARGETS["sm_90"]
+    c = lambda m, n, k, w, s: {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}  # noqa: E731
+    assert configs.smem_bytes(c(16, 128, 128, 4, 4), bf16, True, sm90) == 208_896  # mma.sync: stages - 1 buffers
+    assert configs.smem_bytes(c(64, 128, 64, 8, 3), bf16, True, sm90) == 122_880  # wgmma: stages buffers
+    assert configs.smem_bytes(c(64, 128, 64, 8, 3), bf16, True, sm80) == 81_920
+    assert configs.smem_bytes(c(128, 128, 64, 8, 3), bf16, False, sm90) == 98_304
 
 
 def test_tuned_entries_are_fitted_too(tmp_path, monkeypatch):

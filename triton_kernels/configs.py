@@ -80,11 +80,14 @@ def default_config(M: int, N: int, K: int, E: int, dtype: torch.dtype, target: T
     return fit_shared_memory(cfg, dtype, target, gated)
 
 
-def smem_bytes(cfg: dict, dtype: torch.dtype, gated: bool = False) -> int:
-    """Shared memory of the pipelined loads: ``num_stages - 1`` buffers of the x tile and the one (or,
-    gated, two) weight tiles. It matches what the compiler reports (``bench/results/compile_*.md``)."""
+def smem_bytes(cfg: dict, dtype: torch.dtype, gated: bool = False, target: Target | None = None) -> int:
+    """Shared memory of the pipelined loads: buffers of the x tile and the one (or, gated, two) weight
+    tiles, ``num_stages - 1`` of them for mma.sync and ``num_stages`` for Hopper's wgmma (64-row tiles
+    and up on sm_90). It matches what the compiler reports (``bench/results/compile_*.md``)."""
     per_stage = cfg["BLOCK_M"] * cfg["BLOCK_K"] + (2 if gated else 1) * cfg["BLOCK_K"] * cfg["BLOCK_N"]
-    return max(1, cfg["num_stages"] - 1) * per_stage * _itemsize(dtype)
+    wgmma = target is not None and target.has_wgmma and cfg["BLOCK_M"] >= 64
+    buffers = cfg["num_stages"] if wgmma else max(1, cfg["num_stages"] - 1)
+    return buffers * per_stage * _itemsize(dtype)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -99,9 +102,9 @@ def fit_shared_memory(cfg: dict, dtype: torch.dtype, target: Target, gated: bool
     steps = (("BLOCK_K", 64), ("num_stages", 2), ("BLOCK_K", 32), ("BLOCK_N", 64), ("BLOCK_M", 32), ("BLOCK_K", 16),
              ("BLOCK_N", 16), ("BLOCK_M", 16))
     for key, floor in steps:
-        while smem_bytes(cfg, dtype, gated) > limit and cfg[key] > floor:
+        while smem_bytes(cfg, dtype, gated, target) > limit and cfg[key] > floor:
             cfg[key] = cfg[key] - 1 if key == "num_stages" else cfg[key] // 2
-    if smem_bytes(cfg, dtype, gated) > limit:  # pragma: no cover - 16x16x16 tiles fit every GPU
+    if smem_bytes(cfg, dtype, gated, target) > limit:  # pragma: no cover - 16x16x16 tiles fit every GPU
         raise RuntimeError(f"no grouped GEMM config fits {target.arch}'s {target.smem_per_block} B of shared memory")
     return fit_registers(cfg, gated)
 
