@@ -157,7 +157,10 @@ def test_compile_with_data_dependent_token_count():
         plan = mk.plan_routing(idm, E, block_size=2, backend="torch")
         y = mk.unpermute(mk.permute(xm, plan, backend="torch"), plan, wm, backend="torch")
         out = mk.fused_moe(xm, w13, w2, wm, idm, backend="torch")
-        return y, out, mk.expert_counts(idm, E, backend="torch")
+        h = mk.grouped_gemm(mk.permute(xm, plan, backend="torch"), w13, plan, backend="torch")
+        dw = mk.grouped_gemm_wgrad(h, mk.permute(xm, plan, backend="torch"), plan, backend="torch")
+        loss = mk.load_balancing_loss(xm[:, :E], idm, E)  # (torch.logsumexp itself guards on numel == 0)
+        return y, out, mk.expert_counts(idm, E, backend="torch"), h, dw, loss
 
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
         g = torch.compile(f, fullgraph=True, backend="aot_eager")
