@@ -15,7 +15,8 @@ at::Tensor expert_counts_cuda(const at::Tensor& topk_ids, int64_t num_experts);
 // logits [T, E] fp32/fp16/bf16 -> (topk_weights [T, k] fp32, topk_ids [T, k] int32); E <= 1024, num_groups <= 32.
 std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
                                                     int64_t top_k, const std::string& scoring, bool renormalize,
-                                                    int64_t num_groups, int64_t topk_groups, double scaling_factor);
+                                                    int64_t num_groups, int64_t topk_groups, double scaling_factor,
+                                                    int64_t group_n);
 
 // topk_ids [T, k] int8/int16/int32/int64/uint8 -> (sorted_slots [P], expert_offsets [E+1], tokens_per_expert [E], slot_to_row [T*k]),
 // all int32, P = T*k + E*(block_size-1); E <= 1024. As moe_kernels.reference.plan_routing, with no host sync.

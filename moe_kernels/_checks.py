@@ -5,7 +5,7 @@ with a message that names the function, the argument and what was expected.
 
 Checks that need the *values* of a tensor (ids in range, ...) would force a host synchronisation on
 a GPU, so they run only where they are free (CPU tensors) or where the caller asked for them with
-``MOE_KERNELS_CHECK_VALUES=1``; never while torch.compile traces.
+``MOE_KERNELS_CHECK_VALUES=1``; never while torch.compile traces or a CUDA graph is captured.
 
 Expert ids outside ``[0, E)`` are not errors: every backend drops those slots (vLLM's and Hugging
 Face's expert-parallel sentinels, ``-1``, global ids an ``expert_map`` does not cover), so expert ids
@@ -123,6 +123,8 @@ def check_choice(fn: str, name: str, v, choices: Iterable[str]) -> str:
 def value_checks_enabled(t: torch.Tensor) -> bool:
     """True where a check of tensor values costs no host synchronisation (or was asked for)."""
     if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a sync would break the capture
         return False
     if t.device.type == "cpu" or t.device.type == "meta":
         return t.device.type == "cpu"

@@ -17,13 +17,15 @@ _backends.register("expert_counts", "torch")(_OPS.expert_counts.default)
 _backends.register("expert_choice_gating", "torch")(_OPS.expert_choice_gating.default)
 
 
-def _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor):
-    _checks.check_tensor(_FN, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
-    E = logits.shape[1]
+def _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor, group_score):
+    _checks.check_tensor(_FN, "logits", logits, dtypes=_checks.FLOAT_DTYPES, layout="[..., E]")
+    if logits.dim() < 1:
+        raise ValueError(f"{_FN}: logits must be [..., E] with at least one dim, got a 0-d tensor")
+    E = logits.shape[-1]
     if E < 1:
         raise ValueError(f"{_FN}: logits must have at least one expert column, got shape {tuple(logits.shape)}")
     _checks.check_int(_FN, "top_k", top_k, lo=1, hi=E)
-    _checks.check_choice(_FN, "scoring", scoring, ("softmax", "sigmoid"))
+    _checks.check_choice(_FN, "scoring", scoring, ref.SCORINGS)
     if correction_bias is not None:
         _checks.check_tensor(_FN, "correction_bias", correction_bias, dtypes=_checks.FLOAT_DTYPES, shape=(E,), layout="[E]")
         _checks.check_same_device(_FN, logits=logits, correction_bias=correction_bias)
@@ -36,6 +38,11 @@ def _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_grou
             f"{_FN}: topk_groups * E/num_groups = {topk_groups} * {E // num_groups} must be >= top_k={top_k} "
             "(the chosen groups must hold k experts)"
         )
+    if group_score is not None:
+        _checks.check_choice(_FN, "group_score", group_score, ref.GROUP_SCORES)
+        if group_score == "topk_sum" and top_k < topk_groups:
+            raise ValueError(f'{_FN}: group_score="topk_sum" sums the top top_k // topk_groups scores of a group: '
+                             f"needs top_k >= topk_groups, got top_k={top_k}, topk_groups={topk_groups}")
     if not isinstance(scaling_factor, (int, float)) or isinstance(scaling_factor, bool):
         raise TypeError(f"{_FN}: scaling_factor must be a float, got {type(scaling_factor).__name__}")
 
@@ -49,6 +56,7 @@ def topk_gating(
     correction_bias: torch.Tensor | None = None,
     num_groups: int = 1,
     topk_groups: int = 1,
+    group_score: str | None = None,
     scaling_factor: float = 1.0,
     return_stats: bool = False,
     backend: str = "auto",
@@ -58,18 +66,33 @@ def topk_gating(
     ============== ========== ============ =====================================================
     argument       shape      dtype        meaning
     ============== ========== ============ =====================================================
-    logits         [T, E]     fp32/bf16/   router output
+    logits         [..., E]   fp32/bf16/   router output (any leading dims: ``T`` = their product)
                               fp16/fp64
     correction_bias [E]       float        added to the scores for *selection only* (DeepSeek-V3)
-    topk_weights   [T, k]     fp32 (fp64   unbiased scores of the chosen experts, renormalised
+    topk_weights   [..., k]   fp32 (fp64   unbiased scores of the chosen experts, renormalised
                               for fp64)    if asked, times ``scaling_factor``
-    topk_ids       [T, k]     int32        chosen experts, best first, ties to the lower index
+    topk_ids       [..., k]   int32        chosen experts, best first, ties to the lower index
     ============== ========== ============ =====================================================
 
-    Scores are ``softmax(logits)`` or ``sigmoid(logits)`` in fp32. With ``num_groups > 1`` the experts
-    form equal groups scored by their best score (or the sum of their two best selection scores
-    when a correction bias is given) and only the ``topk_groups`` best groups are eligible.
-    NaN scores rank below every number, so ids are always in ``[0, E)``.
+    Scores, in fp32: ``"softmax"``, ``"sigmoid"`` or ``"sqrtsoftplus"`` (``sqrt(softplus(x))``,
+    DeepSeek-V4; Megatron/TE ``score_function="sqrtsoftplus"``, vLLM ``topk_softplus_sqrt``).
+    ``renormalize``: softmax weights are the softmax of the k selected logits (never 0/0); sigmoid
+    and sqrtsoftplus weights are divided by their sum plus 1e-20 (Megatron/TE, which renormalise only
+    for k > 1: pass ``renormalize=False`` at k = 1 for their result). A renormalised k = 1 weight is
+    exactly 1 and its gradient exactly 0.
+
+    Groups (``num_groups > 1``): the experts form equal groups and only the ``topk_groups`` best
+    groups are eligible. A group's score (``group_score``) is its best selection score (``"max"``,
+    DeepSeek-V2), the sum of its two best (``"top2_sum"``, DeepSeek-V3) or of its
+    ``top_k // topk_groups`` best (``"topk_sum"``, TE/Megatron); ``None`` (default): ``"top2_sum"``
+    with a correction bias, else ``"max"``.
+
+    Non-finite logits always give finite weights and valid, distinct ids: a NaN ranks below every
+    number (-inf included) and weighs 0 (it is left out of the softmax normaliser); +inf ranks above
+    every finite logit: under softmax the +inf experts of a row share the weight equally and the
+    others weigh 0, under sigmoid it scores 1, under sqrtsoftplus ``sqrt(max float)``. A row without a
+    finite or +inf logit gets the lowest ids allowed by the rules above and weights 0. Gradients with
+    respect to non-finite logits are 0.
 
     ``return_stats=True`` returns ``(topk_weights, topk_ids, GatingStats)``, the statistics of the
     load-balancing loss computed in the same pass (pass them to :func:`load_balancing_loss`).
@@ -79,16 +102,22 @@ def topk_gating(
         >>> w, ids = topk_gating(torch.randn(5, 8), 2)
         >>> w.shape, ids.dtype
         (torch.Size([5, 2]), torch.int32)
+        >>> topk_gating(torch.randn(2, 3, 8), 2)[1].shape  # [B, S, E] -> [B, S, k]
+        torch.Size([2, 3, 2])
     """
-    _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor)
-    impl = _backends.select("topk_gating", backend, logits.device, logits, top_k, scoring=scoring,
+    _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor, group_score)
+    lead, E = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, E)  # [T, E]
+    impl = _backends.select("topk_gating", backend, logits.device, flat, top_k, scoring=scoring,
                             num_groups=num_groups, with_stats=bool(return_stats))
     if correction_bias is not None:
         correction_bias = correction_bias.float() if correction_bias.dtype != torch.float64 else correction_bias
-    w, ids, counts, sums = impl(logits, correction_bias, top_k, scoring, bool(renormalize), num_groups, topk_groups,
-                                float(scaling_factor), bool(return_stats))
+    group_n = ref.group_top_n(group_score, correction_bias is not None, top_k, topk_groups, E // num_groups)
+    w, ids, counts, sums = impl(flat, correction_bias, top_k, scoring, bool(renormalize), num_groups, topk_groups,
+                                float(scaling_factor), bool(return_stats), group_n)
+    w, ids = w.view(*lead, top_k), ids.view(*lead, top_k)
     if return_stats:
-        return w, ids, GatingStats(counts, sums, logits.shape[0], top_k, scoring)
+        return w, ids, GatingStats(counts, sums, flat.shape[0], top_k, scoring)
     return w, ids
 
 
@@ -143,7 +172,7 @@ def expert_counts(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "a
     _checks.check_top_k(fn, "topk_ids", topk_ids)
     _checks.check_int(fn, "num_experts", num_experts, lo=1)
     _checks.check_expert_ids(fn, "topk_ids", topk_ids, num_experts)
-    return _backends.select(fn, backend, topk_ids.device, topk_ids)(topk_ids, num_experts)
+    return _backends.select(fn, backend, topk_ids.device, topk_ids, num_experts)(topk_ids, num_experts)
 
 
 def load_balancing_loss(

@@ -23,6 +23,7 @@ from torch.library import custom_op
 from . import _backends, _checks
 from . import ops  # noqa: F401  (registers the routing ops the reference builds on)
 from . import reference as ref
+from .batch_invariance import is_batch_invariant
 from .gating import load_balancing_loss, topk_gating
 
 # ----- reference ---------------------------------------------------------------------------------------
@@ -195,7 +196,10 @@ def lora_moe(
     (``E*r*(K+N) <= 0.25*K*N``, e.g. E=8, r=16 on 4096x14336), every adapter runs densely as two
     GEMMs with the unchosen experts' blocks weighted 0 (:func:`lora_moe_dense`): no plan, no gather.
     Otherwise the routed kernels run: the adapter sum is accumulated in fp32 over the k slots in a
-    fixed order (no atomics): deterministic and batch-invariant. Differentiable in x, A, B and topk_weights, and in W0 and b0
+    fixed order (no atomics): deterministic. The GEMM tiles (and the base layer's cuBLAS kernel) depend
+    on the batch size; inside :func:`moe_kernels.batch_invariant` they do not (fixed tiles, the base layer
+    on the same kernel, never the dense path), and a token's output is bitwise independent of its batch.
+    Differentiable in x, A, B and topk_weights, and in W0 and b0
     when they require grad (a frozen base costs no weight gradient).
 
     Example::
@@ -226,7 +230,7 @@ def lora_moe(
     _checks.check_same_device(fn, x=x, base_weight=base_weight, lora_a=lora_a, lora_b=lora_b, topk_weights=topk_weights,
                               topk_ids=topk_ids, base_bias=base_bias)
     _checks.check_expert_ids(fn, "topk_ids", topk_ids, E)
-    if backend == "auto" and dense_is_cheaper(K, N, E, r):
+    if backend == "auto" and dense_is_cheaper(K, N, E, r) and not is_batch_invariant():
         return lora_moe_dense(x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk_ids, float(scaling))
     impl = _backends.select(fn, backend, x.device, x, lora_a)
     return impl(x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk_ids, float(scaling))

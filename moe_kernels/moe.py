@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends, _checks
+from . import _backends, _checks, _torch_moe
 from . import ops  # noqa: F401
 from .reference import DROP_POLICIES, GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
 from .routing import _capacity_drop
 
 _OPS = torch.ops.moe_kernels
-_backends.register("fused_moe", "torch")(_OPS.fused_moe.default)
+_backends.register("fused_moe", "torch")(_torch_moe.fused_moe)  # the reference op's math, less glue
 
 
 def activation(h: torch.Tensor, kind: str = "silu", *, gated: bool = True) -> torch.Tensor:
@@ -40,6 +40,7 @@ def fused_moe(
     capacity: int | None = None,
     drop_policy: str = "gshard",
     expert_map: torch.Tensor | None = None,
+    gate_up_interleaved: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Run every token through its k experts and sum the outputs with the routing weights.
@@ -60,8 +61,10 @@ def fused_moe(
     ``activation``: ``silu`` (SwiGLU), ``gelu`` (exact), ``relu`` or ``swiglu_oai`` (gpt-oss, gated only).
     ``apply_router_weight_on_input`` scales the token before the experts instead of after (Llama-4).
     ``capacity``, ``drop_policy`` and ``expert_map`` are as in :func:`plan_routing` (``"probs"`` ranks by
-    ``topk_weights``); ``E`` is ``w13.shape[0]`` (the local
-    experts when ``expert_map`` is given). Differentiable in hidden, w13, w2, the biases and topk_weights.
+    ``topk_weights``); ``E`` is ``w13.shape[0]`` (the local experts when ``expert_map`` is given).
+    ``gate_up_interleaved``: the rows of ``w13`` and ``w13_bias`` alternate gate, up (gpt-oss's layout, e.g.
+    ``gate_up_proj.transpose(1, 2)`` without a copy) instead of all gate rows then all up rows.
+    Differentiable in hidden, w13, w2, the biases and topk_weights.
 
     Example::
 
@@ -101,7 +104,9 @@ def fused_moe(
     if capacity is not None and drop_policy != "gshard":  # the over-capacity slots become dropped ids
         topk_ids = _capacity_drop(fn, topk_ids, E, capacity, drop_policy, topk_weights, expert_map, backend)
         capacity = None
+    interleaved = bool(gate_up_interleaved) and bool(gated)
     impl = _backends.select(fn, backend, hidden.device, hidden, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
-                            activation=activation)
+                            activation=activation, gate_up_interleaved=interleaved)
+    extra = (True,) if interleaved else ()  # only then: every backend's op takes the flag last, with default False
     return impl(hidden, w13, w2, topk_weights, topk_ids, activation, bool(gated), w13_bias, w2_bias,
-                bool(apply_router_weight_on_input), capacity, expert_map)
+                bool(apply_router_weight_on_input), capacity, expert_map, *extra)

@@ -92,7 +92,7 @@ def _pass(ids, expert_map, rank_in, num_experts, capacity, priority, final, offs
     T, k = ids.shape
     S, dev = T * k, ids.device
     block_e = max(next_pow2(num_experts + 1), 16)
-    n_prog = max(1, min(triton.cdiv(S, BLOCK), 1024))
+    n_prog = torch.sym_max(1, torch.sym_min(triton.cdiv(S, BLOCK), 1024))  # symbolic under torch.compile
     chunk = triton.cdiv(triton.cdiv(S, n_prog), BLOCK) * BLOCK
     n_prog = triton.cdiv(S, chunk)
     common = dict(PRIORITY=priority, HAS_MAP=expert_map is not None, HAS_CAP=rank_in is not None, BLOCK_E=block_e, BLOCK=BLOCK)
@@ -100,7 +100,9 @@ def _pass(ids, expert_map, rank_in, num_experts, capacity, priority, final, offs
     rank_arg = rank_in if rank_in is not None else ids
     n_global = expert_map.shape[0] if expert_map is not None else 0
     cap = capacity if capacity is not None else 0
-    hist = empty((n_prog, block_e), dtype=torch.int32, device=dev)
+    # One zero row past the programs' rows: the row count is never 1, which torch.compile would
+    # otherwise specialise on (one graph for the token counts with one program, one for the rest).
+    hist = torch.zeros((n_prog + 1, block_e), dtype=torch.int32, device=dev)
     launch(plan_hist_kernel)[(n_prog,)](ids, map_arg, rank_arg, hist, S, T, k, num_experts, n_global, cap, chunk, **common)
     base = (torch.cumsum(hist, 0, dtype=torch.int32) - hist).contiguous()  # [n_prog, BLOCK_E] exclusive over programs
     counts = hist.sum(0, dtype=torch.int32)[:num_experts]
