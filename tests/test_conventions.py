@@ -470,8 +470,9 @@ def deepseek_seq_aux(logits, topk_idx, scoring):
     loss = sum_i f_i P_i, averaged over the batch (as DeepSeek's own MoEGate computes ``seq_aux``)."""
     B, S, E = logits.shape
     k = topk_idx.shape[-1]
-    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
-    scores = scores / scores.sum(-1, keepdim=True) if scoring == "sigmoid" else scores
+    scores = {"softmax": lambda x: x.softmax(-1), "sigmoid": torch.sigmoid,
+              "sqrtsoftplus": lambda x: torch.nn.functional.softplus(x).sqrt()}[scoring](logits)
+    scores = scores / scores.sum(-1, keepdim=True) if scoring != "softmax" else scores
     ce = torch.zeros(B, E, dtype=logits.dtype)
     for b in range(B):
         for t in range(S):
@@ -483,7 +484,7 @@ def deepseek_seq_aux(logits, topk_idx, scoring):
     return (ce * scores.mean(dim=1)).sum(dim=1).mean()
 
 
-@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax", "sqrtsoftplus"])
 def test_seq_aux_loss_matches_deepseek(scoring):
     B, S, E, k = 3, 7, 8, 2
     logits = torch.randn(B, S, E, dtype=torch.float64, requires_grad=True)
