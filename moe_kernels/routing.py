@@ -32,8 +32,9 @@ class RoutingPlan:
     slot_to_row       [T*k]   int32 permuted row of each slot; -1 if dropped
     ================= ======= ===== ===========================================================
 
-    ``P = T*k + E*(block_size-1)`` depends on shapes only; rows from ``expert_offsets[E]`` to ``P``
-    are unused padding.
+    ``P = T*k + E*(block_size-1)`` (or ``num_out_tokens``) depends on shapes only; rows from
+    ``expert_offsets[E]`` to ``P`` are unused padding. :meth:`vllm_view` and :meth:`vllm_permute_view`
+    give the plan in vLLM's layouts.
     """
 
     sorted_slots: torch.Tensor

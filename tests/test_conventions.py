@@ -157,7 +157,10 @@ def test_compile_with_data_dependent_token_count():
         plan = mk.plan_routing(idm, E, block_size=2, backend="torch")
         y = mk.unpermute(mk.permute(xm, plan, backend="torch"), plan, wm, backend="torch")
         out = mk.fused_moe(xm, w13, w2, wm, idm, backend="torch")
-        return y, out, mk.expert_counts(idm, E, backend="torch")
+        h = mk.grouped_gemm(mk.permute(xm, plan, backend="torch"), w13, plan, backend="torch")
+        dw = mk.grouped_gemm_wgrad(h, mk.permute(xm, plan, backend="torch"), plan, backend="torch")
+        loss = mk.load_balancing_loss(xm[:, :E], idm, E)  # (torch.logsumexp itself guards on numel == 0)
+        return y, out, mk.expert_counts(idm, E, backend="torch"), h, dw, loss
 
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
         g = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -467,8 +470,9 @@ def deepseek_seq_aux(logits, topk_idx, scoring):
     loss = sum_i f_i P_i, averaged over the batch (as DeepSeek's own MoEGate computes ``seq_aux``)."""
     B, S, E = logits.shape
     k = topk_idx.shape[-1]
-    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
-    scores = scores / scores.sum(-1, keepdim=True) if scoring == "sigmoid" else scores
+    scores = {"softmax": lambda x: x.softmax(-1), "sigmoid": torch.sigmoid,
+              "sqrtsoftplus": lambda x: torch.nn.functional.softplus(x).sqrt()}[scoring](logits)
+    scores = scores / scores.sum(-1, keepdim=True) if scoring != "softmax" else scores
     ce = torch.zeros(B, E, dtype=logits.dtype)
     for b in range(B):
         for t in range(S):
@@ -480,7 +484,7 @@ def deepseek_seq_aux(logits, topk_idx, scoring):
     return (ce * scores.mean(dim=1)).sum(dim=1).mean()
 
 
-@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax", "sqrtsoftplus"])
 def test_seq_aux_loss_matches_deepseek(scoring):
     B, S, E, k = 3, 7, 8, 2
     logits = torch.randn(B, S, E, dtype=torch.float64, requires_grad=True)
