@@ -88,11 +88,13 @@ def topk_gating(
     with a correction bias, else ``"max"``.
 
     Non-finite logits always give finite weights and valid, distinct ids: a NaN ranks below every
-    number (-inf included) and weighs 0 (it is left out of the softmax normaliser); +inf ranks above
-    every finite logit: under softmax the +inf experts of a row share the weight equally and the
-    others weigh 0, under sigmoid it scores 1, under sqrtsoftplus ``sqrt(max float)``. A row without a
-    finite or +inf logit gets the lowest ids allowed by the rules above and weights 0. Gradients with
-    respect to non-finite logits are 0.
+    number (-inf included) and weighs 0 (it is left out of the softmax normaliser); +inf ranks first:
+    under softmax the +inf experts of a row share the weight equally and the others weigh 0 (and tie,
+    to the lower index), under sigmoid it scores 1 (as does any logit that saturates fp32), under
+    sqrtsoftplus ``sqrt(3.4e38)``. A row without a finite or +inf logit gets the lowest ids allowed
+    by the rules above and weights 0. Gradients with respect to non-finite logits are 0. (vLLM's
+    ``topk_softmax`` instead zeroes non-finite scores, so its rows with a NaN or +inf route to the
+    lowest ids.)
 
     ``return_stats=True`` returns ``(topk_weights, topk_ids, GatingStats)``, the statistics of the
     load-balancing loss computed in the same pass (pass them to :func:`load_balancing_loss`).
