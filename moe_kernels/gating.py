@@ -167,12 +167,14 @@ def expert_choice_gating(
 
 
 def expert_counts(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "auto") -> torch.Tensor:
-    """Slots routed to each expert, ``[E]`` int32; ids of -1 (dropped) are not counted."""
+    """Slots routed to each expert, ``[E]`` int32; ids outside ``[0, E)`` (-1, sentinels: dropped slots)
+    are not counted. ``topk_ids`` [T, k] of any integer dtype."""
     fn = "expert_counts"
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, layout="[T, k]")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, layout="[T, k]")
+    _checks.check_top_k(fn, "topk_ids", topk_ids)
     _checks.check_int(fn, "num_experts", num_experts, lo=1)
-    _checks.check_ids_in_range(fn, "topk_ids", topk_ids, num_experts)
-    return _backends.select(fn, backend, topk_ids.device, topk_ids)(topk_ids, num_experts)
+    _checks.check_expert_ids(fn, "topk_ids", topk_ids, num_experts)
+    return _backends.select(fn, backend, topk_ids.device, topk_ids, num_experts)(topk_ids, num_experts)
 
 
 def load_balancing_loss(
@@ -182,26 +184,32 @@ def load_balancing_loss(
     *,
     scoring: str = "softmax",
     stats: GatingStats | None = None,
+    fraction: str = "routed",
 ) -> torch.Tensor:
     """Switch/GShard auxiliary loss ``E * sum_e f_e * P_e`` (1.0 for perfectly even routing).
 
-    ``f_e`` is the fraction of the routed (token, slot) pairs that went to expert e (pairs dropped
-    with id -1 count in neither numerator nor denominator), ``P_e`` the mean router probability of e (softmax of the logits, or the sigmoid
-    scores normalised per token for ``scoring="sigmoid"``). Differentiable in ``logits``.
+    ``f_e`` is the fraction of the (token, slot) pairs that went to expert e: of the routed pairs with
+    ``fraction="routed"`` (pairs dropped with an id outside ``[0, E)`` count in neither numerator nor
+    denominator), or of all ``k*T`` pairs with ``fraction="all_slots"`` (TransformerEngine's
+    ``fused_moe_aux_loss`` and Megatron's ``switch_load_balancing_loss_func``, there times their coefficient).
+    ``P_e`` is the mean router probability of e (softmax of the logits, or the sigmoid scores normalised
+    per token for ``scoring="sigmoid"``). Differentiable in ``logits``.
     Hugging Face's Mixtral loss is ``top_k`` times this value.
 
     With ``stats`` (from ``topk_gating(..., return_stats=True)``) nothing else is needed: the loss
     comes from the statistics the gating pass already computed, without another pass over the logits.
     """
     fn = "load_balancing_loss"
+    _checks.check_choice(fn, "fraction", fraction, ("routed", "all_slots"))
     if stats is not None:
         if not isinstance(stats, GatingStats):
             raise TypeError(f"{fn}: stats must be a GatingStats (topk_gating(..., return_stats=True)), got {type(stats).__name__}")
-        return _balance_loss(stats.score_sums / max(stats.num_tokens, 1), stats.tokens_per_expert)
+        slots = stats.num_tokens * stats.top_k if fraction == "all_slots" else None
+        return _balance_loss(stats.score_sums / max(stats.num_tokens, 1), stats.tokens_per_expert, slots)
     if logits is None or topk_ids is None or num_experts is None:
         raise ValueError(f"{fn}: give either logits, topk_ids and num_experts, or stats")
     _checks.check_tensor(fn, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(logits.shape[0], None), layout="[T, k]")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(logits.shape[0], None), layout="[T, k]")
     _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
     _checks.check_same_device(fn, logits=logits, topk_ids=topk_ids)
     if logits.shape[1] != num_experts:
@@ -210,13 +218,75 @@ def load_balancing_loss(
     x = logits.to(ref.acc_dtype(logits.dtype))
     s = torch.softmax(x, -1) if scoring == "softmax" else torch.sigmoid(x)
     p = ref.balance_scores(s, scoring).sum(0) / max(T, 1)
-    return _balance_loss(p, expert_counts(topk_ids, num_experts))
+    return _balance_loss(p, expert_counts(topk_ids, num_experts), T * k if fraction == "all_slots" else None)
 
 
-def _balance_loss(p: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """``E * sum_e f_e * p_e`` with ``f`` the share of the routed (not dropped) pairs (no host sync)."""
+def _balance_loss(p: torch.Tensor, counts: torch.Tensor, num_slots=None) -> torch.Tensor:
+    """``E * sum_e f_e * p_e`` with ``f`` the share of the routed (not dropped) pairs, or of ``num_slots``
+    pairs when given (no host sync)."""
     c = counts.to(p.dtype)
-    return p.shape[0] * (c / c.sum().clamp(min=1) * p).sum()
+    denom = c.sum().clamp(min=1) if num_slots is None else max(num_slots, 1)
+    return p.shape[0] * (c / denom * p).sum()
+
+
+def seq_aux_loss(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int | None = None,
+    *,
+    seq_len: int | None = None,
+    scoring: str = "sigmoid",
+) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (without its coefficient alpha).
+
+    Per sequence of ``S`` tokens, ``L = sum_e f_e * P_e`` with ``f_e = E / (k*S) * #{t : e in topk(t)}`` and
+    ``P_e = 1/S * sum_t s'_{t,e}``, ``s'`` the scores normalised per token (sigmoid scores divided by their
+    sum; softmax scores as they are); the result is the mean of ``L`` over the ``B`` sequences (1.0 for
+    perfectly even routing within every sequence). Ids outside ``[0, E)`` are not counted.
+
+    ========== ============================= ==============================================
+    argument   shape                         meaning
+    ========== ============================= ==============================================
+    logits     [B, S, E] (or [B*S, E])       router output; give ``seq_len=S`` for 2-D inputs
+    topk_ids   [B, S, k] (or [B*S, k])       the chosen experts (any integer dtype)
+    out        []                            fp32 (fp64 for fp64 logits), differentiable in logits
+    ========== ============================= ==============================================
+
+    Example::
+
+        >>> loss = 1e-4 * seq_aux_loss(logits.view(B, S, E), ids.view(B, S, k))
+    """
+    fn = "seq_aux_loss"
+    _checks.check_tensor(fn, "logits", logits, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+    if logits.dim() == 2:
+        if seq_len is None:
+            raise ValueError(f"{fn}: 2-D logits [B*S, E] need seq_len=S (or give logits [B, S, E])")
+        _checks.check_int(fn, "seq_len", seq_len, lo=1)
+        if logits.shape[0] % seq_len:
+            raise ValueError(f"{fn}: logits has {logits.shape[0]} tokens, not a multiple of seq_len={seq_len}")
+        logits = logits.view(-1, seq_len, logits.shape[1])
+        if topk_ids.dim() == 2:
+            _checks.check_tensor(fn, "topk_ids", topk_ids, dtypes=_checks.ID_DTYPES, shape=(logits.shape[0] * seq_len, None),
+                                 layout="[B*S, k]")
+            topk_ids = topk_ids.view(logits.shape[0], seq_len, -1)
+    elif logits.dim() != 3:
+        raise ValueError(f"{fn}: logits must be [B, S, E] or [B*S, E], got shape {tuple(logits.shape)}")
+    B, S, E = logits.shape
+    if num_experts is not None and num_experts != E:
+        raise ValueError(f"{fn}: logits must have num_experts={num_experts} columns, got shape {tuple(logits.shape)}")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=3, dtypes=_checks.ID_DTYPES, shape=(B, S, None), layout="[B, S, k]")
+    k = topk_ids.shape[2]
+    _checks.check_size(fn, "topk_ids.shape[-1] (k)", k, lo=1)
+    _checks.check_same_device(fn, logits=logits, topk_ids=topk_ids)
+    x = logits.to(ref.acc_dtype(logits.dtype))
+    s = torch.softmax(x, -1) if scoring == "softmax" else torch.sigmoid(x)
+    p = ref.balance_scores(s, scoring).sum(1) / max(S, 1)  # [B, E]
+    ids = topk_ids.reshape(B, S * k).long()
+    ids = torch.where((ids >= 0) & (ids < E), ids, E)
+    counts = torch.zeros(B, E + 1, dtype=p.dtype, device=p.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=p.dtype))
+    f = counts[:, :E] * (E / max(k * S, 1))
+    return (f * p).sum() / max(B, 1)
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

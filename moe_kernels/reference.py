@@ -320,12 +320,8 @@ def plan_routing(
     key = torch.where((ids >= 0) & (ids < E), ids, E)  # [T, k]; E = dropped
     if capacity is not None:
         # GShard: all first choices before all second choices, earlier tokens first.
-        by_priority = key.t().reshape(-1)  # [k*T]
-        order = torch.sort(by_priority, stable=True).indices
-        starts = _exclusive_cumsum(_bucket_counts(by_priority, E + 1))
-        rank = torch.empty_like(by_priority)
-        rank[order] = torch.arange(S, device=device) - starts[by_priority[order]]
-        key = torch.where(rank.view(k, T).t() < capacity, key, E)
+        gshard = torch.arange(S, device=device).view(T, k).t().reshape(-1)  # pass position -> slot
+        key = torch.where(capacity_ranks(key.reshape(-1), gshard, E).view(T, k) < capacity, key, E)
     flat = key.reshape(-1)  # [S]
     order = torch.sort(flat, stable=True).indices  # slot indices grouped by expert, by slot index
     counts = _bucket_counts(flat, E + 1)
@@ -345,6 +341,59 @@ def plan_routing(
         tokens.to(torch.int32),
         slot_to_row.to(torch.int32),
     )
+
+
+def capacity_ranks(key: torch.Tensor, order: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rank of every slot within its expert when the slots are taken in the pass order ``order``
+    (``order[p]`` is the slot taken p-th): ``[S]`` int64; ``key [S]`` holds experts in [0, E], E = dropped."""
+    S = key.shape[0]
+    in_order = key[order]  # [S] expert of the p-th slot taken
+    by_expert = torch.sort(in_order, stable=True).indices
+    starts = _exclusive_cumsum(_bucket_counts(in_order, num_experts + 1))
+    rank_in_order = torch.empty_like(in_order)
+    rank_in_order[by_expert] = torch.arange(S, device=key.device) - starts[in_order[by_expert]]
+    return torch.empty_like(rank_in_order).scatter_(0, order, rank_in_order)
+
+
+DROP_POLICIES = ("gshard", "position", "probs")
+
+
+def drop_order(drop_policy: str, top_k: int, topk_weights: torch.Tensor | None, num_slots: int, device) -> torch.Tensor:
+    """The order in which experts fill their capacity, as slots ``[S]``: ``gshard`` all first choices,
+    then all second choices (earlier tokens first); ``position`` slot order (token order);
+    ``probs`` highest routing weight first (NaN as -inf; ties to the lower slot)."""
+    if drop_policy == "position":
+        return torch.arange(num_slots, device=device)
+    if drop_policy == "gshard":
+        return torch.arange(num_slots, device=device).view(-1, top_k).t().reshape(-1)
+    w = topk_weights.reshape(-1)
+    w = torch.where(torch.isnan(w), float("-inf"), w)
+    return torch.sort(w, descending=True, stable=True).indices
+
+
+def capacity_drop(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    drop_policy: str,
+    topk_weights: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``topk_ids`` as int32 with -1 for every slot its expert has no room for: each (local) expert keeps
+    its first ``capacity`` slots in :func:`drop_order`. Ids that are dropped anyway (outside ``[0, E)``, or
+    unmapped) are returned as they are."""
+    T, k = topk_ids.shape
+    S, E = T * k, num_experts
+    ids = topk_ids.long()
+    local = ids
+    if expert_map is not None:
+        n_global = expert_map.shape[0]
+        inside = (ids >= 0) & (ids < n_global)
+        local = torch.where(inside, expert_map.long()[ids.clamp(0, max(n_global - 1, 0))], -1) if n_global else -torch.ones_like(ids)
+    key = torch.where((local >= 0) & (local < E), local, E).reshape(-1)  # [S]
+    rank = capacity_ranks(key, drop_order(drop_policy, k, topk_weights, S, ids.device), E)
+    kept = (key == E) | (rank < capacity)
+    return torch.where(kept.view(T, k), ids, -1).to(torch.int32)
 
 
 def permute(
@@ -479,16 +528,24 @@ def segment_sum(y: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: tor
 # ----- activation ------------------------------------------------------------------------------------
 
 
-def _split(h: torch.Tensor, gated: bool):
+def _split(h: torch.Tensor, gated: bool, interleaved: bool = False):
     if not gated:
         return h.to(acc_dtype(h.dtype)), None
+    if interleaved:  # columns (g0, u0, g1, u1, ...), gpt-oss
+        return h[..., 0::2].to(acc_dtype(h.dtype)), h[..., 1::2].to(acc_dtype(h.dtype))
     inter = h.shape[-1] // 2
     return h[..., :inter].to(acc_dtype(h.dtype)), h[..., inter:].to(acc_dtype(h.dtype))
 
 
-def activation(h: torch.Tensor, kind: str, gated: bool = True) -> torch.Tensor:
-    """``act(gate) * up`` on ``h = [gate | up]`` (gated) or ``act(h)``; computed in fp32."""
-    g, u = _split(h, gated)
+def _join(dg: torch.Tensor, du: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The inverse of :func:`_split` for gradients: ``[dg | du]``, or the two interleaved."""
+    return torch.stack([dg, du], -1).flatten(-2) if interleaved else torch.cat([dg, du], -1)
+
+
+def activation(h: torch.Tensor, kind: str, gated: bool = True, interleaved: bool = False) -> torch.Tensor:
+    """``act(gate) * up`` on ``h = [gate | up]`` (gated; ``interleaved``: gate and up alternate in columns)
+    or ``act(h)``; computed in fp32."""
+    g, u = _split(h, gated, interleaved)
     if kind == "swiglu_oai":
         g, u = g.clamp(max=OAI_LIMIT), u.clamp(-OAI_LIMIT, OAI_LIMIT)
         return ((u + 1) * g * torch.sigmoid(OAI_ALPHA * g)).to(h.dtype)
@@ -496,16 +553,18 @@ def activation(h: torch.Tensor, kind: str, gated: bool = True) -> torch.Tensor:
     return (a if u is None else a * u).to(h.dtype)
 
 
-def activation_backward(grad: torch.Tensor, h: torch.Tensor, kind: str, gated: bool = True) -> torch.Tensor:
+def activation_backward(
+    grad: torch.Tensor, h: torch.Tensor, kind: str, gated: bool = True, interleaved: bool = False
+) -> torch.Tensor:
     """d loss / d h from d loss / d activation(h)."""
-    g, u = _split(h, gated)
+    g, u = _split(h, gated, interleaved)
     da = grad.to(g.dtype)
     if kind == "swiglu_oai":
         gc, uc = g.clamp(max=OAI_LIMIT), u.clamp(-OAI_LIMIT, OAI_LIMIT)
         sg = torch.sigmoid(OAI_ALPHA * gc)
         dg = da * (uc + 1) * (sg + OAI_ALPHA * gc * sg * (1 - sg)) * (g <= OAI_LIMIT)
         du = da * gc * sg * ((u >= -OAI_LIMIT) & (u <= OAI_LIMIT))
-        return torch.cat([dg, du], -1).to(h.dtype)
+        return _join(dg, du, interleaved).to(h.dtype)
     if kind == "silu":
         sg = torch.sigmoid(g)
         act, dact = g * sg, sg * (1 + g * (1 - sg))
@@ -516,18 +575,19 @@ def activation_backward(grad: torch.Tensor, h: torch.Tensor, kind: str, gated: b
         act, dact = F.relu(g), (g > 0).to(g.dtype)
     if u is None:
         return (da * dact).to(h.dtype)
-    return torch.cat([da * u * dact, da * act], -1).to(h.dtype)
+    return _join(da * u * dact, da * act, interleaved).to(h.dtype)
 
 
 # ----- fused MoE -------------------------------------------------------------------------------------
 
 
-def _moe_forward_parts(hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated, w13_bias, w2_bias, on_input, capacity, expert_map):
+def _moe_forward_parts(hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated, w13_bias, w2_bias, on_input, capacity,
+                       expert_map, interleaved=False):
     k = topk_ids.shape[1]
     slots, offsets, _, slot_to_row = plan_routing(topk_ids, w13.shape[0], 1, capacity, expert_map)
     xs = permute(hidden, slots, k, topk_weights if on_input else None)  # [P, H]
     h = grouped_gemm(xs, w13, offsets, w13_bias, slots)  # [P, 2I]
-    a = activation(h, activation_kind, gated)  # [P, I]
+    a = activation(h, activation_kind, gated, interleaved)  # [P, I]
     ys = grouped_gemm(a, w2, offsets, w2_bias, slots)  # [P, H]
     return slots, offsets, slot_to_row, xs, h, a, ys
 
@@ -535,10 +595,12 @@ def _moe_forward_parts(hidden, w13, w2, topk_weights, topk_ids, activation_kind,
 def fused_moe(
     hidden, w13, w2, topk_weights, topk_ids, activation_kind="silu", gated=True,
     w13_bias=None, w2_bias=None, apply_router_weight_on_input=False, capacity=None, expert_map=None,
+    gate_up_interleaved=False,
 ):
-    """The MoE layer's experts: plan, permute, two grouped GEMMs around the activation, weighted combine."""
+    """The MoE layer's experts: plan, permute, two grouped GEMMs around the activation, weighted combine.
+    ``gate_up_interleaved``: the rows of ``w13`` (and of its bias) alternate gate, up (gpt-oss)."""
     parts = _moe_forward_parts(hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated,
-                               w13_bias, w2_bias, apply_router_weight_on_input, capacity, expert_map)
+                               w13_bias, w2_bias, apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved)
     slot_to_row, ys = parts[2], parts[6]
     return unpermute(ys, slot_to_row, topk_ids.shape[1], None if apply_router_weight_on_input else topk_weights)
 
@@ -546,16 +608,18 @@ def fused_moe(
 def fused_moe_backward(
     grad_out, hidden, w13, w2, topk_weights, topk_ids, activation_kind="silu", gated=True,
     w13_bias=None, w2_bias=None, apply_router_weight_on_input=False, capacity=None, expert_map=None,
+    gate_up_interleaved=False,
 ):
     """Gradients ``(hidden, w13, w2, topk_weights, w13_bias, w2_bias)``; the forward is recomputed, so only
     the inputs need to be kept between forward and backward."""
     on_input = apply_router_weight_on_input
     k = topk_ids.shape[1]
     slots, offsets, slot_to_row, xs, h, a, ys = _moe_forward_parts(
-        hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated, w13_bias, w2_bias, on_input, capacity, expert_map)
+        hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated, w13_bias, w2_bias, on_input, capacity, expert_map,
+        gate_up_interleaved)
     g_ys = permute(grad_out, slots, k, None if on_input else topk_weights)  # [P, H]
     g_a = grouped_gemm(g_ys, w2, offsets, None, slots, trans_w=False)  # [P, I]
-    g_h = activation_backward(g_a, h, activation_kind, gated)  # [P, 2I]
+    g_h = activation_backward(g_a, h, activation_kind, gated, gate_up_interleaved)  # [P, 2I]
     g_xs = grouped_gemm(g_h, w13, offsets, None, slots, trans_w=False)  # [P, H]
     g_hidden = unpermute(g_xs, slot_to_row, k, topk_weights if on_input else None)
     if on_input:

@@ -139,3 +139,29 @@ def plan_routing(topk_ids, num_experts, block_size, capacity, expert_map, *, lau
 
     counts, offsets = _pass(ids, emap, rank, E, capacity, False, True, padded_offsets, (None, slot_to_row, sorted_slots), **kw)
     return sorted_slots, offsets, counts, slot_to_row
+
+
+def capacity_drop(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map, *, launch=identity_launch,
+                  empty):
+    """Launcher of the ``position`` and ``probs`` capacity policies: ``topk_ids`` as int32 with -1 for every
+    slot whose (local) expert already holds ``capacity`` slots earlier in the policy's order; the plan pass
+    then runs without a capacity. One rank pass (in slot order, or over the ids gathered in weight order)."""
+    T, k = topk_ids.shape
+    S, dev = T * k, topk_ids.device
+    ids = topk_ids.contiguous()
+    if S == 0:
+        return ids.to(torch.int32)
+    emap = expert_map.contiguous() if expert_map is not None else None
+    order = None
+    if drop_policy == "position":
+        pass_ids = ids
+    else:  # the pass visits the slots in ``order``: a [1, S] id array in that order
+        w = topk_weights.reshape(-1)  # probs: highest weight first, NaN as -inf, ties to the lower slot
+        order = torch.sort(torch.where(torch.isnan(w), float("-inf"), w), descending=True, stable=True).indices
+        pass_ids = ids.reshape(-1).index_select(0, order).view(1, S)
+    rank = empty((S,), dtype=torch.int32, device=dev)
+    _pass(pass_ids, emap, None, num_experts, None, False, False, lambda c: None, (rank, None, None), launch=launch,
+          empty=empty)
+    if order is not None:
+        rank = torch.empty_like(rank).scatter_(0, order, rank)
+    return torch.where(rank.view(T, k) < capacity, ids.to(torch.int32), -1)
