@@ -210,13 +210,13 @@ def load_balancing_loss(
         raise ValueError(f"{fn}: give either logits, topk_ids and num_experts, or stats")
     _checks.check_tensor(fn, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
     _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(logits.shape[0], None), layout="[T, k]")
-    _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+    _checks.check_choice(fn, "scoring", scoring, ref.SCORINGS)
     _checks.check_same_device(fn, logits=logits, topk_ids=topk_ids)
     if logits.shape[1] != num_experts:
         raise ValueError(f"{fn}: logits must have num_experts={num_experts} columns, got shape {tuple(logits.shape)}")
     T, k = topk_ids.shape
     x = logits.to(ref.acc_dtype(logits.dtype))
-    s = torch.softmax(x, -1) if scoring == "softmax" else torch.sigmoid(x)
+    s = ref.scores(x, scoring)  # the scores of topk_gating
     p = ref.balance_scores(s, scoring).sum(0) / max(T, 1)
     return _balance_loss(p, expert_counts(topk_ids, num_experts), T * k if fraction == "all_slots" else None)
 
@@ -258,7 +258,7 @@ def seq_aux_loss(
     """
     fn = "seq_aux_loss"
     _checks.check_tensor(fn, "logits", logits, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+    _checks.check_choice(fn, "scoring", scoring, ref.SCORINGS)
     if logits.dim() == 2:
         if seq_len is None:
             raise ValueError(f"{fn}: 2-D logits [B*S, E] need seq_len=S (or give logits [B, S, E])")
@@ -280,7 +280,7 @@ def seq_aux_loss(
     _checks.check_size(fn, "topk_ids.shape[-1] (k)", k, lo=1)
     _checks.check_same_device(fn, logits=logits, topk_ids=topk_ids)
     x = logits.to(ref.acc_dtype(logits.dtype))
-    s = torch.softmax(x, -1) if scoring == "softmax" else torch.sigmoid(x)
+    s = ref.scores(x, scoring)  # the scores of topk_gating
     p = ref.balance_scores(s, scoring).sum(1) / max(S, 1)  # [B, E]
     ids = topk_ids.reshape(B, S * k).long()
     ids = torch.where((ids >= 0) & (ids < E), ids, E)

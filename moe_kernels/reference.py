@@ -74,7 +74,7 @@ def safe_softmax(x: torch.Tensor) -> torch.Tensor:
     normaliser; when a row has +inf entries they share the mass equally (the limit of softmax) and
     the rest weigh 0; a row with neither a finite nor a +inf entry weighs 0 everywhere. Never 0/0."""
     x = torch.where(torch.isnan(x), float("-inf"), x)
-    m = x.amax(-1, keepdim=True)
+    m = x.amax(-1, keepdim=True).detach()  # softmax is shift-invariant: no gradient through the shift
     z = torch.where(m == float("inf"), torch.where(x == float("inf"), 0.0, float("-inf")),
                     x - torch.where(torch.isfinite(m), m, 0.0))
     e = torch.exp(z)
