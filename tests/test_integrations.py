@@ -184,8 +184,12 @@ def test_patch_matches_transformers(family):
 
     out, dx, grads = _run(model, embeds, labels)
     # transformers routes in fp32 (and so do we, to match): the forward agrees to fp64 precision, gradients
-    # through the router's fp32 softmax/sigmoid (ours: an analytic backward) to fp32 precision
+    # through the router's fp32 softmax/sigmoid (ours: an analytic backward) to fp32 precision. Mixtral,
+    # Qwen-MoE and OLMoE renormalise a softmax: ours is the softmax of the selected logits (never 0/0),
+    # transformers' the selected probabilities over their sum: equal up to fp32 rounding.
     fwd, bwd = 10 * tolerance(torch.float64), tolerance(torch.float32)
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        fwd = tolerance(torch.float32)
     assert_close("logits", out.logits, ref.logits, rms_tol=fwd)
     assert_close("loss", out.loss, ref.loss, rms_tol=fwd)
     if getattr(ref, "router_logits", None) is not None:  # recorded from the routers (transformers >= 5.1 for DeepSeek)
