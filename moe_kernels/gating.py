@@ -88,11 +88,13 @@ def topk_gating(
     with a correction bias, else ``"max"``.
 
     Non-finite logits always give finite weights and valid, distinct ids: a NaN ranks below every
-    number (-inf included) and weighs 0 (it is left out of the softmax normaliser); +inf ranks above
-    every finite logit: under softmax the +inf experts of a row share the weight equally and the
-    others weigh 0, under sigmoid it scores 1, under sqrtsoftplus ``sqrt(max float)``. A row without a
-    finite or +inf logit gets the lowest ids allowed by the rules above and weights 0. Gradients with
-    respect to non-finite logits are 0.
+    number (-inf included) and weighs 0 (it is left out of the softmax normaliser); +inf ranks first:
+    under softmax the +inf experts of a row share the weight equally and the others weigh 0 (and tie,
+    to the lower index), under sigmoid it scores 1 (as does any logit that saturates fp32), under
+    sqrtsoftplus ``sqrt(3.4e38)``. A row without a finite or +inf logit gets the lowest ids allowed
+    by the rules above and weights 0. Gradients with respect to non-finite logits are 0. (vLLM's
+    ``topk_softmax`` instead zeroes non-finite scores, so its rows with a NaN or +inf route to the
+    lowest ids.)
 
     ``return_stats=True`` returns ``(topk_weights, topk_ids, GatingStats)``, the statistics of the
     load-balancing loss computed in the same pass (pass them to :func:`load_balancing_loss`).
@@ -213,7 +215,9 @@ def load_balancing_loss(
     if logits.shape[1] != num_experts:
         raise ValueError(f"{fn}: logits must have num_experts={num_experts} columns, got shape {tuple(logits.shape)}")
     T, k = topk_ids.shape
-    p = ref.balance_scores(ref.scores(logits, scoring), scoring).sum(0) / max(T, 1)
+    x = logits.to(ref.acc_dtype(logits.dtype))
+    s = ref.scores(x, scoring)  # the scores of topk_gating
+    p = ref.balance_scores(s, scoring).sum(0) / max(T, 1)
     return _balance_loss(p, expert_counts(topk_ids, num_experts), T * k if fraction == "all_slots" else None)
 
 
@@ -275,7 +279,9 @@ def seq_aux_loss(
     k = topk_ids.shape[2]
     _checks.check_size(fn, "topk_ids.shape[-1] (k)", k, lo=1)
     _checks.check_same_device(fn, logits=logits, topk_ids=topk_ids)
-    p = ref.balance_scores(ref.scores(logits, scoring), scoring).sum(1) / max(S, 1)  # [B, E]
+    x = logits.to(ref.acc_dtype(logits.dtype))
+    s = ref.scores(x, scoring)  # the scores of topk_gating
+    p = ref.balance_scores(s, scoring).sum(1) / max(S, 1)  # [B, E]
     ids = topk_ids.reshape(B, S * k).long()
     ids = torch.where((ids >= 0) & (ids < E), ids, E)
     counts = torch.zeros(B, E + 1, dtype=p.dtype, device=p.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=p.dtype))

@@ -76,9 +76,11 @@ def safe_softmax(x: torch.Tensor) -> torch.Tensor:
     Rows of finite numbers get ``torch.softmax`` itself, bit for bit (what transformers and vLLM use)."""
     x = torch.where(torch.isnan(x), float("-inf"), x)
     m = x.amax(-1, keepdim=True)
+    finite = torch.isfinite(m)
     inf = x == float("inf")
     limit = inf.to(x.dtype) / inf.sum(-1, keepdim=True).clamp(min=1).to(x.dtype)  # +inf rows; 0 on all -inf rows
-    return torch.where(torch.isfinite(m), torch.softmax(x, -1), limit)
+    # rows without a finite max go through softmax as zeros, so no NaN reaches the output or the gradient
+    return torch.where(finite, torch.softmax(torch.where(finite, x, 0.0), -1), limit)
 
 
 def scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:

@@ -84,6 +84,10 @@ CASES = {
     "plan_routing capacity+map": (
         lambda T: dict(ids=_ids(T, K, 2 * E), m=torch.randint(-1, E, (2 * E,), device=DEV, dtype=torch.int32)),
         lambda ids, m: mk.plan_routing(ids, E, capacity=4, expert_map=m, backend="triton").sorted_slots),
+    "plan_routing drop policies": (
+        lambda T: dict(ids=_ids(T), w=_w(T)),
+        lambda ids, w: [mk.plan_routing(ids, E, capacity=3, drop_policy=p, topk_weights=w, backend="triton").sorted_slots
+                        for p in ("position", "probs")]),
     "permute+unpermute": (
         lambda T: dict(x=torch.randn(T, H, device=DEV, dtype=torch.bfloat16), ids=_ids(T), w=_w(T)),
         lambda x, ids, w: (lambda p: mk.unpermute(mk.permute(x, p, backend="triton"), p, w, backend="triton"))(_plan(ids))),

@@ -315,3 +315,19 @@ def test_moe_layer_passes_scoring_and_group_score():
     out = moe(x)
     (out.square().mean() + moe.aux_loss).backward()
     assert torch.isfinite(moe.router.weight.grad).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+def test_sqrtsoftplus_load_balancing_loss_from_stats_equals_from_logits(backend):
+    logits = torch.randn(33, 16, device=DEV, requires_grad=True)
+    w, ids, stats = _call(backend, logits, 3, scoring="sqrtsoftplus", return_stats=True)
+    fused = mk.load_balancing_loss(stats=stats)
+    plain = mk.load_balancing_loss(logits, ids, 16, scoring="sqrtsoftplus")
+    s = F.softplus(logits.detach().double()).sqrt()
+    p = (s / s.sum(-1, keepdim=True)).mean(0)
+    f = torch.bincount(ids.flatten().long().cpu(), minlength=16).double().to(DEV) / ids.numel()
+    assert_close("loss", fused, 16 * (f * p).sum(), rms_tol=1e-6)
+    assert_close("loss", plain, fused, rms_tol=1e-6)
+    g_fused = torch.autograd.grad(fused, logits)[0]
+    g_plain = torch.autograd.grad(plain, logits)[0]
+    assert_close("grad logits", g_fused, g_plain, rms_tol=1e-5)

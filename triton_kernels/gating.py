@@ -91,7 +91,7 @@ def topk_gating_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    x, s, _ = _scores(logits_ptr, rows, cols, T, E, stride_t, stride_e, SCORING)  # [BT, BE] fp32
+    x, s, unused_flat = _scores(logits_ptr, rows, cols, T, E, stride_t, stride_e, SCORING)  # [BT, BE] fp32
     sel = s
     if HAS_BIAS:
         sel = s + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -150,7 +150,7 @@ def topk_gating_kernel(
         tl.store(sums_part_ptr + part, tl.sum(tl.where(rmask, q, 0.0), 0), mask=cmask)
     if RENORM:
         if SCORING == 0:  # the softmax of the selected logits: never 0/0
-            w_out, _ = _safe_softmax(x_out, (kcol < top_k)[None, :])
+            w_out, unused_pinf = _safe_softmax(x_out, (kcol < top_k)[None, :])
         else:
             w_out = w_out / (tl.sum(w_out, 1) + 1e-20)[:, None]
     w_out = w_out * scaling
