@@ -11,6 +11,7 @@ Public API (every function takes ``backend="auto" | "torch" | "triton" | "cuda"`
 - :func:`lora_moe`, :class:`LoRAMoE`, :func:`wrap_linear` - a mixture of LoRA experts on a frozen linear layer
 - :func:`load_balancing_loss`, :func:`router_z_loss`, :func:`routing_stats`, :func:`update_correction_bias`
 - :class:`ExpertParallel` - expert parallelism: dispatch rows to the ranks owning their experts and combine back
+- :class:`QuantizedWeight`, :func:`quantize` - FP8 expert weights (vLLM's layouts), accepted wherever a weight is
 - :func:`backends` - which backends can run here, and why not
 """
 
@@ -32,6 +33,7 @@ from .gemm import grouped_gemm
 from .layer import MoE
 from .lora import LoRAMoE, lora_moe, wrap_linear
 from .moe import activation, fused_moe
+from .quant import QuantizedWeight, quantize
 from .routing import RoutingPlan, expert_choice_plan, permute, plan_routing, unpermute
 
 __version__ = "0.1.0"
@@ -43,6 +45,7 @@ __all__ = [
     "GatingStats",
     "LoRAMoE",
     "MoE",
+    "QuantizedWeight",
     "RoutingPlan",
     "RoutingStats",
     "activation",
@@ -56,6 +59,7 @@ __all__ = [
     "lora_moe",
     "permute",
     "plan_routing",
+    "quantize",
     "router_z_loss",
     "routing_stats",
     "topk_gating",

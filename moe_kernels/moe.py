@@ -6,6 +6,7 @@ import torch
 
 from . import _backends, _checks
 from . import ops  # noqa: F401
+from .quant import QuantizedWeight, check_not_raw_fp8
 from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
 
 _OPS = torch.ops.moe_kernels
@@ -38,6 +39,8 @@ def fused_moe(
     apply_router_weight_on_input: bool = False,
     capacity: int | None = None,
     expert_map: torch.Tensor | None = None,
+    a13_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Run every token through its k experts and sum the outputs with the routing weights.
@@ -60,11 +63,25 @@ def fused_moe(
     ``capacity`` and ``expert_map`` are as in :func:`plan_routing`; ``E`` is ``w13.shape[0]`` (the local
     experts when ``expert_map`` is given). Differentiable in hidden, w13, w2, the biases and topk_weights.
 
+    FP8 experts: ``w13`` and ``w2`` may both be :class:`~moe_kernels.QuantizedWeight` (inference only). Each GEMM's
+    input is then quantized dynamically as its weight's layout asks (:mod:`moe_kernels.quant`), or with the static
+    per-tensor ``a13_scale`` / ``a2_scale`` (one fp32 element each) when given.
+
     Example::
 
         >>> out = fused_moe(x, w13, w2, *topk_gating(x @ router.T, 2))
     """
     fn = "fused_moe"
+    if isinstance(w13, QuantizedWeight) or isinstance(w2, QuantizedWeight):
+        from . import _quant_ops
+
+        return _quant_ops.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation=activation, gated=gated,
+                                    w13_bias=w13_bias, w2_bias=w2_bias,
+                                    apply_router_weight_on_input=apply_router_weight_on_input, capacity=capacity,
+                                    expert_map=expert_map, a13_scale=a13_scale, a2_scale=a2_scale, backend=backend)
+    check_not_raw_fp8(fn, w13=w13, w2=w2)
+    if a13_scale is not None or a2_scale is not None:
+        raise ValueError(f"{fn}: a13_scale / a2_scale are for QuantizedWeight experts; w13 and w2 are dense")
     f = _checks.FLOAT_DTYPES
     _checks.check_tensor(fn, "hidden", hidden, ndim=2, dtypes=f, layout="[T, H]")
     T, H = hidden.shape
