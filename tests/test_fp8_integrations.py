@@ -154,3 +154,12 @@ def test_moe_quantize_(kw):
     xr = x.half().requires_grad_()
     with pytest.raises(RuntimeError, match="inference-only"):
         moe(xr).sum().backward()
+
+
+def test_transformers_register_adds_the_fp8_experts():
+    pytest.importorskip("transformers")
+    from moe_kernels.integrations import hf_fp8, transformers as mk_hf
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+
+    assert "ALL_FP8_EXPERTS_FUNCTIONS" in mk_hf.register()
+    assert ALL_FP8_EXPERTS_FUNCTIONS["moe_kernels"] is hf_fp8.fp8_experts_forward

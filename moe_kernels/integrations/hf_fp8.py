@@ -4,7 +4,8 @@ moe_kernels.
 transformers 5.x dispatches the forward of its FP8 experts through ``ALL_FP8_EXPERTS_FUNCTIONS``
 (``transformers.integrations.finegrained_fp8``); :func:`register_fp8` adds a ``"moe_kernels"`` entry there, so a
 model loaded with ``experts_implementation="moe_kernels"`` (or ``config._experts_implementation = "moe_kernels"``)
-runs :func:`fp8_experts_forward`. The module's tensors are taken as they are, without copies:
+runs :func:`fp8_experts_forward`; ``integrations.transformers.register()`` does the same, with its ``backend``.
+The module's tensors are taken as they are, without copies:
 
 =========================== ======================= ================================================
 attribute                   shape                   read as
@@ -90,7 +91,10 @@ def fp8_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
     w2 = _weight(self.down_proj, self.down_proj_scale_inv, block, False)
     E = w13.shape[0]
     ids = torch.where(top_k_index < E, top_k_index, -1)
-    out = fused_moe(hidden_states, w13, w2, top_k_weights.float(), ids, activation=kind, gated=gated)
+    from . import hf_experts  # the backend chosen by integrations.transformers.register(backend=...)
+
+    out = fused_moe(hidden_states, w13, w2, top_k_weights.float(), ids, activation=kind, gated=gated,
+                    backend=getattr(hf_experts, "BACKEND", "auto"))
     return out.to(hidden_states.dtype)
 
 

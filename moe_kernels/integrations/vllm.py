@@ -43,6 +43,13 @@ Differences from vLLM:
   deterministic.
 - ``fused_topk``: ties go to the lower expert index; ``token_expert_indices[t, j] = j * T + t`` as vLLM's
   kernel writes them.
+- ``fused_topk_bias`` and ``grouped_topk`` (DeepSeek-V2/V3 routing) take vLLM's names and positional order and
+  run :func:`moe_kernels.topk_gating`: ties go to the lower expert index (vLLM's ``torch.topk`` leaves them
+  unspecified), the group score is the best score of the group, or the sum of its two best biased scores with
+  a correction bias, as in vLLM. ``num_expert_group=0``/``topk_group=0`` mean no groups.
+- Expert ids of any integer dtype are accepted; ids outside ``[0, E)`` (vLLM's sentinels for other ranks'
+  experts) are dropped slots, on every backend. ``RoutingPlan.vllm_view()`` gives a plan in the layout of
+  ``moe_align_block_size`` and ``RoutingPlan.vllm_permute_view()`` the index maps of ``moe_permute``.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from .. import _checks
 from ..gating import topk_gating
 from ..moe import fused_moe
 
-__all__ = ["fused_experts", "fused_topk"]
+__all__ = ["fused_experts", "fused_topk", "fused_topk_bias", "grouped_topk"]
 
 # vLLM activation -> (fused_moe activation, gated)
 ACTIVATIONS = {
@@ -266,3 +273,78 @@ def fused_topk(
     slots = torch.arange(topk, dtype=torch.int32, device=ids.device)
     token_expert_indices = slots[None, :] * T + torch.arange(T, dtype=torch.int32, device=ids.device)[:, None]
     return weights, ids, token_expert_indices
+
+
+def _check_router(fn: str, hidden_states, gating_output) -> None:
+    _checks.check_tensor(fn, "hidden_states", hidden_states, ndim=2, layout="[T, H]")
+    _checks.check_tensor(fn, "gating_output", gating_output, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
+    if gating_output.shape[0] != hidden_states.shape[0]:
+        raise ValueError(f"{fn}: gating_output has {gating_output.shape[0]} tokens, hidden_states {hidden_states.shape[0]}")
+
+
+def fused_topk_bias(
+    hidden_states: torch.Tensor,
+    gating_output: torch.Tensor,
+    e_score_correction_bias,
+    topk,
+    renormalize,
+    scoring_func="softmax",
+    indices_type: torch.dtype | None = None,
+    *,
+    routed_scaling_factor: float = 1.0,
+    backend: str = "auto",
+):
+    """vLLM's ``fused_topk_bias``: top-k of ``scores + e_score_correction_bias`` (selection only), weights the
+    unbiased scores of the chosen experts, renormalised if asked, times ``routed_scaling_factor``.
+
+    ``(hidden_states, gating_output, e_score_correction_bias, topk, renormalize, scoring_func, indices_type)``
+    returns ``(topk_weights [T, k] fp32, topk_ids [T, k])``. Newer vLLM's order ``(hidden_states,
+    gating_output, scoring_func, e_score_correction_bias, topk, renormalize, indices_type)`` (recognised by
+    the string in third place) returns vLLM's third output too, ``token_expert_indices`` ``[T, k]`` int32. Example::
+
+        >>> w, ids = fused_topk_bias(x, router_logits, bias, 8, True, "sigmoid")
+    """
+    fn = "fused_topk_bias"
+    newer = isinstance(e_score_correction_bias, str)
+    if newer:  # (scoring_func, e_score_correction_bias, topk, renormalize, indices_type)
+        scoring_func, e_score_correction_bias, topk, renormalize, indices_type = (
+            e_score_correction_bias, topk, renormalize, scoring_func if not isinstance(scoring_func, str) else None,
+            indices_type)
+    _check_router(fn, hidden_states, gating_output)
+    weights, ids = topk_gating(gating_output.float(), topk, scoring=scoring_func, renormalize=bool(renormalize),
+                               correction_bias=e_score_correction_bias, scaling_factor=routed_scaling_factor,
+                               backend=backend)
+    if indices_type is not None:
+        ids = ids.to(indices_type)
+    if not newer:
+        return weights, ids
+    T = hidden_states.shape[0]
+    slots = torch.arange(topk, dtype=torch.int32, device=ids.device)
+    return weights, ids, slots[None, :] * T + torch.arange(T, dtype=torch.int32, device=ids.device)[:, None]
+
+
+def grouped_topk(
+    hidden_states: torch.Tensor,
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool,
+    num_expert_group: int = 0,
+    topk_group: int = 0,
+    scoring_func: str = "softmax",
+    routed_scaling_factor: float = 1.0,
+    e_score_correction_bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's ``grouped_topk`` (DeepSeek-V2/V3): experts in ``num_expert_group`` equal groups, only the
+    ``topk_group`` best groups eligible, then the top ``topk``; ``(topk_weights [T, k] fp32, topk_ids [T, k]
+    int32)``. Example::
+
+        >>> w, ids = grouped_topk(x, router_logits, 8, True, num_expert_group=8, topk_group=4,
+        ...                       scoring_func="sigmoid", routed_scaling_factor=2.5, e_score_correction_bias=bias)
+    """
+    fn = "grouped_topk"
+    _check_router(fn, hidden_states, gating_output)
+    return topk_gating(gating_output.float(), topk, scoring=scoring_func, renormalize=bool(renormalize),
+                       correction_bias=e_score_correction_bias, num_groups=max(int(num_expert_group), 1),
+                       topk_groups=max(int(topk_group), 1), scaling_factor=routed_scaling_factor, backend=backend)
