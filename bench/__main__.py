@@ -13,7 +13,7 @@ import torch
 from .harness import collect_meta, format_table, write_results
 from .shapes import REPO, select_shapes
 
-SUITES = ("main", "routing", "permute", "gemm", "moe", "lora", "ep", "load", "tune")
+SUITES = ("main", "routing", "permute", "gemm", "moe", "lora", "ep", "load", "tune", "account")
 
 
 def _csv_list(text: str) -> list[str]:
@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=_csv_list, default=None, metavar="A,B", help="model names (default: all)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="default: triton_kernels/configs")
     p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("account", help="modelled account of the fused paths (launches, GEMM FLOPs, HBM bytes, "
+                                       "roofline time) at full model shapes; no GPU needed")
+    p.add_argument("--models", type=_csv_list, default=None, metavar="A,B", help="default: all")
+    p.add_argument("--tokens", type=_int_list, default=None, metavar="T[,T]", help="default: 1,16,64,4096,16384")
+    p.add_argument("--arch", default="sm_90", choices=("sm_90", "sm_80", "sm_86", "sm_89"))
+    p.set_defaults(func=cmd_account)
     return parser
 
 
@@ -207,6 +213,14 @@ def cmd_moe(args: argparse.Namespace) -> int:
     return _run_suite(args, "moe", device, source, lambda: run_moe(shapes, device, args.quick, notes),
                       "; CPU: H and I scaled down, fp32" if device == "cpu" else "", table=TABLE,
                       after=lambda rows, csv_path: plot(rows, csv_path.with_suffix(".png")))
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    from .costs import print_account
+
+    shapes, _ = select_shapes(args.models, "cuda", False, args.tokens or [1, 16, 64, 4096, 16384])
+    print_account(shapes, args.arch)
+    return 0
 
 
 def cmd_ep(args: argparse.Namespace) -> int:

@@ -7,6 +7,10 @@ FLOPs count the matmuls only (2 per multiply-add); elementwise work is left out.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import torch
+
 from .shapes import Shape
 
 I32, F32 = 4, 4
@@ -113,3 +117,187 @@ COSTS = {
     "MoE.fwd": layer_fwd,
     "MoE.fwd+bwd": layer_fwd_bwd,
 }
+
+
+# ----- account of the fused paths: a model, not a measurement ----------------------------------------
+#
+# Per launch of a fused path: GEMM FLOPs executed (row tiles padded to BLOCK_M) against the minimum, and
+# HBM bytes modelled from the tile order. The model: the GPU runs the grid in waves of
+# ``W = SMs x resident programs`` consecutive tiles (program-id order: the kernel's GROUP_M order, or
+# m-tile fastest for the order before it); the programs of a wave advance through K together, so L2
+# serves every re-read *within* a wave and each distinct A row-block and weight tile of a wave is read
+# from HBM once; across waves L2 is an LRU of such blocks (each over the whole K) of the L2's size.
+# Outputs are written once. Roofline time per launch: max(FLOPs / peak, bytes / copy bandwidth) at the
+# documented H200 ceilings (about 790 TFLOP/s bf16 dense, 4.3 TB/s), or measured ones; launch and
+# tail effects are not modelled.
+
+H200 = {"name": "H200 (documented)", "tflops": 790.0, "tbps": 4.3, "sms": 132, "l2_bytes": 50 * 2**20}
+
+
+def _tiles_in_order(m_tiles: int, n_tiles: int, group_m: int):
+    """(m, n) of every tile in program-id order: GROUP_M groups of m-tiles, n inside (group_m=0: m fastest)."""
+    if group_m <= 0:
+        return [(t % m_tiles, t // m_tiles) for t in range(m_tiles * n_tiles)]
+    out = []
+    for first in range(0, m_tiles, group_m):
+        size = min(group_m, m_tiles - first)
+        out += [(first + i % size, i // size) for i in range(size * n_tiles)]
+    return out
+
+
+class _L2:
+    """LRU model of L2: blocks (an A row-block or a weight tile over the whole K) by key and size."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used, self.blocks = capacity, 0, OrderedDict()
+
+    def touch(self, key, size: int) -> int:
+        """HBM bytes of reading block ``key``: 0 on a hit, ``size`` on a miss (which evicts the oldest)."""
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return 0
+        self.blocks[key] = size
+        self.used += size
+        while self.used > self.capacity and len(self.blocks) > 1:
+            self.used -= self.blocks.popitem(last=False)[1]
+        return size
+
+
+def gemm_hbm_bytes(rows: list[int], N: int, K: int, bm: int, bn: int, es: int, *, n_w: int = 1, group_m: int = 8,
+                   wave: int = 132, l2_bytes: int = H200["l2_bytes"]) -> int:
+    """Modelled HBM bytes of the A rows and weight tiles one grouped GEMM launch reads (outputs not included):
+    ``rows`` per expert, weights ``[E, n_w * N, K]``; ``group_m=0``: the m-tile-fastest order."""
+    m_rows = [(e, min(bm, r - i)) for e, r in enumerate(rows) for i in range(0, r, bm)]  # (expert, rows) per m-tile
+    order = _tiles_in_order(len(m_rows), -(-N // bn), group_m)
+    l2, n = _L2(l2_bytes), 0
+    for start in range(0, len(order), wave):
+        tiles = order[start:start + wave]
+        for m in dict.fromkeys(m for m, _ in tiles):
+            n += l2.touch(("a", m), m_rows[m][1] * K * es)
+        for key in dict.fromkeys((m_rows[m][0], nt) for m, nt in tiles):
+            n += l2.touch(("w",) + key, n_w * min(bn, N) * K * es)
+    return n
+
+
+def wgrad_hbm_bytes(rows: list[int], A: int, B: int, ba: int, bb: int, es: int, *, group_a: int = 8, wave: int = 132,
+                    l2_bytes: int = H200["l2_bytes"]) -> int:
+    """Modelled bytes the dW kernel reads: tiles (expert, a-tile, b-tile) expert-major, GROUP_A a-tiles per
+    group with the b-tiles inside; the blocks are an expert's rows of one a-tile or b-tile of columns."""
+    na, nb = -(-A // ba), -(-B // bb)
+    order = [(e, i, j) for e in range(len(rows)) if rows[e] for i, j in _tiles_in_order(na, nb, group_a)]
+    l2, n = _L2(l2_bytes), 0
+    for start in range(0, len(order), wave):
+        tiles = order[start:start + wave]
+        for e, i in dict.fromkeys((e, i) for e, i, _ in tiles):
+            n += l2.touch(("a", e, i), rows[e] * min(ba, A) * es)
+        for e, j in dict.fromkeys((e, j) for e, _, j in tiles):
+            n += l2.touch(("b", e, j), rows[e] * min(bb, B) * es)
+    return n
+
+
+def _gemm_launch(name, rows, N, K, es, kernel, E, arch, out_bytes, extra_bytes=0, n_w=1, group_m=None):
+    from moe_kernels.triton_kernels import tiles
+
+    t = tiles._launch.TARGETS[arch]
+    smem, sms = t.smem_per_block, t.sm_count
+    M = sum(rows)
+    cfg = tiles.gemm_config(kernel, M, N, K, E, {2: torch.bfloat16, 4: torch.float32}[es], torch.device("meta"))
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    per_prog = tiles.smem_bytes(bm, bn, cfg["BLOCK_K"], cfg["num_stages"], es, n_w)
+    wave = sms * max(1, min(4, smem // per_prog))
+    g = cfg["GROUP_M"] if group_m is None else group_m
+    executed = 2 * sum(-(-r // bm) * bm for r in rows) * n_w * N * K
+    return dict(launch=name, tile=f"{bm}x{bn}", flops=executed, min_flops=2 * M * n_w * N * K,
+                bytes=gemm_hbm_bytes(rows, N, K, bm, bn, es, n_w=n_w, group_m=g, wave=wave) + out_bytes + extra_bytes)
+
+
+def _wgrad_launch(name, rows, A, B, es, arch, bias_bytes=0):
+    from moe_kernels.triton_kernels import tiles
+
+    sms = tiles._launch.TARGETS[arch].sm_count
+    E = len(rows)
+    cfg = tiles.wgrad_config(A, B, {2: torch.bfloat16, 4: torch.float32}[es], torch.device("meta"), sum(rows) // E)
+    return dict(launch=name, tile=f"{cfg['BLOCK_A']}x{cfg['BLOCK_B']}", flops=2 * sum(rows) * A * B,
+                min_flops=2 * sum(rows) * A * B,
+                bytes=wgrad_hbm_bytes(rows, A, B, cfg["BLOCK_A"], cfg["BLOCK_B"], es, group_a=cfg["GROUP_A"], wave=sms)
+                + E * A * B * es + bias_bytes)
+
+
+def fused_account(s: Shape, path: str, *, arch: str = "sm_90", rows: list[int] | None = None,
+                  group_m: int | None = None) -> list[dict]:
+    """The launches of one fused path (``fwd``, ``bwd``: recompute, ``bwd_saved``: save_preactivation) on
+    ``arch`` with balanced routing (or ``rows`` per expert): ``[{launch, tile, flops, min_flops, bytes}]``.
+    ``group_m=0`` models the GEMMs in the m-tile-fastest order instead of the kernel's GROUP_M order."""
+    import os
+
+    old = os.environ.get("MOE_KERNELS_ASSUME_DEVICE")
+    os.environ["MOE_KERNELS_ASSUME_DEVICE"] = arch
+    try:
+        S, H, I, E, es = _slots(s), s.H, s.I, s.E, _es(s)
+        rows = rows or [S // E + (1 if e < S % E else 0) for e in range(E)]
+        n_w = 2 if s.gated else 1
+        g1 = "gemm_gated" if s.gated else "gemm"
+        plan = [dict(launch=f"plan {n}", tile="", flops=0, min_flops=0, bytes=b) for n, b in
+                (("histogram", S * I32), ("scan", 0), ("rank + schedule", S * I32 * 3))]
+        out = list(plan)
+        if path == "fwd":
+            out.append(_gemm_launch("GEMM1 gather+act", rows, I, H, es, g1, E, arch, S * I * es, n_w=n_w, group_m=group_m))
+            out.append(_gemm_launch("GEMM2 weight+scatter", rows, H, I, es, "gemm", E, arch, S * H * es, group_m=group_m))
+            out.append(dict(launch="combine", tile="", flops=0, min_flops=0, bytes=S * H * es + s.T * H * es))
+            return out
+        if path == "bwd":
+            out.append(_gemm_launch("GEMM1 recompute h", rows, n_w * I, H, es, "gemm", E, arch, S * n_w * I * es, group_m=group_m))
+        out.append(_gemm_launch("dA + act bwd + dots", rows, I, H, es, "gemm_act_bwd", E, arch,
+                                S * (n_w + 1) * I * es + S * F32, extra_bytes=S * n_w * I * es, group_m=group_m))
+        out.append(_gemm_launch("dX scatter", rows, H, n_w * I, es, "gemm", E, arch, S * H * es, group_m=group_m))
+        out.append(dict(launch="combine + dw", tile="", flops=0, min_flops=0, bytes=S * H * es + s.T * H * es + 2 * S * F32))
+        out.append(_wgrad_launch("dW13 (+db13)", rows, n_w * I, H, es, arch))
+        out.append(_wgrad_launch("dW2 (+db2)", rows, H, I, es, arch))
+        return out
+    finally:
+        if old is None:
+            os.environ.pop("MOE_KERNELS_ASSUME_DEVICE", None)
+        else:
+            os.environ["MOE_KERNELS_ASSUME_DEVICE"] = old
+
+
+def roofline_ms(launches: list[dict], tflops: float = H200["tflops"], tbps: float = H200["tbps"]) -> float:
+    """Sum over launches of max(compute, memory) time at the given ceilings, in ms (a model)."""
+    return sum(max(r["flops"] / (tflops * 1e12), r["bytes"] / (tbps * 1e12)) for r in launches) * 1e3
+
+
+PATHS = {"forward": "fwd", "backward": "bwd", "backward (save_preactivation)": "bwd_saved"}
+
+
+def account_rows(s: Shape, arch: str = "sm_90", ceilings: dict | None = None) -> list[dict]:
+    """One row per fused path of ``s`` (decode is the forward at a small T): launches, GEMM FLOPs executed
+    / minimum, modelled HBM bytes, roofline time at ``ceilings`` (``tflops``, ``tbps``; default H200)."""
+    c = ceilings or H200
+    F1 = 2 * _slots(s) * s.H * s.I2
+    out = []
+    for label, path in PATHS.items():
+        launches = fused_account(s, path, arch=arch)
+        flops = sum(r["flops"] for r in launches)
+        minimum = 1.5 * F1 if path == "fwd" else 3.0 * F1
+        m_fastest = fused_account(s, path, arch=arch, group_m=0)
+        out.append(dict(model=s.model, T=s.T, path=("decode" if path == "fwd" and s.T <= 64 else label),
+                        launches=len(launches), gemm_f1=round(flops / F1, 2), vs_min_flops=round(flops / minimum, 3),
+                        hbm_gb=round(sum(r["bytes"] for r in launches) / 1e9, 3),
+                        hbm_gb_m_fastest=round(sum(r["bytes"] for r in m_fastest) / 1e9, 3),
+                        model_ms=round(roofline_ms(launches, c["tflops"], c["tbps"]), 4)))
+    return out
+
+
+def print_account(shapes: list[Shape], arch: str = "sm_90", ceilings: dict | None = None) -> list[dict]:
+    c = ceilings or H200
+    rows = [r for s in shapes for r in account_rows(s, arch, c)]
+    print(f"account of the fused paths on {arch}: a MODEL (waves of SMs x resident programs, reuse within a wave "
+          f"through L2, roofline at {c['tflops']:.0f} TFLOP/s and {c['tbps']:.1f} TB/s), not a measurement")
+    print("GEMM F1: tl.dot FLOPs executed (row tiles padded) / FLOPs of the first GEMM; vs min: executed / minimum "
+          "(fwd 1.5 F1, bwd 3.0 F1); HBM GB (m-fastest): the same launches in the m-tile-fastest order")
+    print(f"{'model':16} {'T':>6} {'path':31} {'launches':>8} {'GEMM F1':>8} {'vs min':>7} {'HBM GB':>8} "
+          f"{'(m-fastest)':>11} {'model ms':>9}")
+    for r in rows:
+        print(f"{r['model']:16} {r['T']:>6} {r['path']:31} {r['launches']:>8} {r['gemm_f1']:>8} {r['vs_min_flops']:>7} "
+              f"{r['hbm_gb']:>8} {r['hbm_gb_m_fastest']:>11} {r['model_ms']:>9}")
+    return rows

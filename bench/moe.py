@@ -4,6 +4,8 @@ every backend beside these baselines:
 - ``hf_eager`` and ``hf_grouped_mm``: the transformers (>= 5.0) MoE block of the model's family with that
   experts implementation, built at the benchmark size and holding the layer's own parameters (see
   ``bench/hf_blocks.py``); skipped with the reason when transformers is missing;
+- ``hf_moe_kernels``: the same block on our registered experts implementation (``register()``); a kernel row,
+  whose goal on CPU is >= 1.0x ``hf_grouped_mm`` (a switch to our backend must never be slower);
 - ``unfused``: our ops called one after another, each with ``backend="auto"``: router, ``topk_gating``,
   ``plan_routing``, ``permute``, ``grouped_gemm``, activation, ``grouped_gemm``, ``unpermute`` (+ shared expert).
 
@@ -50,7 +52,7 @@ RATIOS = {"vs_ref": "torch", "vs_hf_gmm": "hf_grouped_mm", "vs_hf_eager": "hf_ea
 TABLE = {"ratios": RATIOS, "err_note": None,
          "extra": (("TFLOP/s", "tflops", ".3g", ""), ("err", "err_vs_ref", ".1e", ""), ("peak MB", "peak_mb", "", ""),
                    ("act MB", "act_mb", "", ""), ("vs bf16", "vs_bf16", ".3g", "x"),
-                   ("w read", "vs_weight_read", ".2f", "x"), ("goal", "goal", "s", ""))}
+                   ("w read", "vs_weight_read", ".2f", "x"), ("model ms", "model_ms", ".3g", ""), ("goal", "goal", "s", ""))}
 
 
 def select_moe(models: list[str] | None, device: str, quick: bool,
@@ -223,6 +225,13 @@ def _goals(group: list[dict], device: str) -> None:
         r["goal"] = "; ".join(out) or None
 
 
+def _model_ms(s: Shape, op: str, ceilings: dict) -> float:
+    """The experts' modelled roofline time (bench/costs.py account, at the measured ceilings), beside the
+    measured layer row: a model, not a measurement (router and shared experts not included)."""
+    launches = costs.fused_account(s, "fwd") + (costs.fused_account(s, "bwd") if op.endswith("bwd") else [])
+    return sig(costs.roofline_ms(launches, ceilings["matmul_tflops"], ceilings["copy_gbps"] / 1e3), 3)
+
+
 def run_moe(shapes: list[Shape], device: str, quick: bool, notes: list[str]) -> tuple[list[dict], dict]:
     """Measure both ops on every shape; ``(rows, facts)`` for the harness."""
     backends, more = suite_backends("fused_moe", device)
@@ -264,6 +273,7 @@ def run_moe(shapes: list[Shape], device: str, quick: bool, notes: list[str]) -> 
                 fwd = row["median_ms"] and not op.endswith("bwd")
                 row["vs_weight_read"] = sig(row["median_ms"] / w_read_ms, 4) if fwd else None
                 row["active_experts"] = inp.active
+                row["model_ms"] = _model_ms(s, op, ceilings) if device == "cuda" and case.backend == "triton" else None
                 row["goal"] = None
                 group.append(row)
                 del out, fn
@@ -284,6 +294,9 @@ def run_moe(shapes: list[Shape], device: str, quick: bool, notes: list[str]) -> 
     if device != "cuda":
         notes.append("goals (>= 1.3x hf_grouped_mm at >= 4096 tokens; decode within 1.2x of the weight read; "
                      "fwd+bwd activation memory <= 60% of unfused) are checked on the GPU only")
+    if device == "cuda":
+        notes.append("model ms (triton rows): modelled roofline time of the fused experts' launches (python -m bench "
+                     "account), not a measurement")
     notes.append("w read = row time / (weight bytes needed / copy bandwidth); err_vs_ref vs backend=torch "
                  "(fwd: output; fwd+bwd: grads of x, w13, w2)")
     notes.append("MoE.fwd.fp8_tensor / .fp8_block: the layer after quantize_('fp8') per tensor / with 128x128 blocks "

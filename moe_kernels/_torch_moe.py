@@ -43,18 +43,28 @@ def _plan(topk_ids: Tensor, E: int, capacity: Optional[int], expert_map: Optiona
     return order, row_expert, offsets, slot_row, key < E
 
 
-def _gmm(x: Tensor, w: Tensor, offsets: Tensor, trans_w: bool) -> Tensor:
+def _segments(offsets: Tensor) -> list[tuple[int, int, int]] | None:
+    """On CPU, when few experts have rows, ``[(e, lo, hi)]`` of the non-empty segments: a loop over them beats
+    ``F.grouped_mm``, whose CPU kernel visits every expert. None otherwise (on a GPU this would sync)."""
+    if offsets.device.type != "cpu":
+        return None
+    ends = offsets.tolist()
+    segs = [(e, lo, hi) for e, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)) if hi > lo]
+    return segs if 3 * len(segs) < len(ends) else None
+
+
+def _gmm(x: Tensor, w: Tensor, offsets: Tensor, trans_w: bool, segs=None) -> Tensor:
     """Rows of segment e (ends ``offsets``) times ``w[e].T`` (``trans_w``, w ``[E, N, K]``) or ``w[e]``
     (w ``[E, K, N]``); rows past the last segment are left unwritten."""
     wt = w.transpose(1, 2) if trans_w else w  # [E, K, N]
-    if ref._grouped_mm_ok(x, w):
+    if segs is None and ref._grouped_mm_ok(x, w):
         return F.grouped_mm(x.contiguous(), wt, offs=offsets)
     y = torch.empty(x.shape[0], wt.shape[2], dtype=x.dtype, device=x.device)
-    lo = 0
-    for e, hi in enumerate(offsets.tolist()):  # the fallback (fp64, unaligned): offsets on the host
-        if hi > lo:
-            y[lo:hi] = x[lo:hi] @ wt[e]
-        lo = hi
+    if segs is None:  # the fallback (fp64, unaligned): offsets on the host
+        ends = offsets.tolist()
+        segs = [(e, lo, hi) for e, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)) if hi > lo]
+    for e, lo, hi in segs:
+        torch.mm(x[lo:hi], wt[e], out=y[lo:hi])
     return y
 
 
@@ -63,17 +73,26 @@ def _wgrad_ok(a: Tensor, b: Tensor) -> bool:
     return a.shape[0] > 0 and a.is_contiguous() and ref._grouped_mm_ok(a, b.new_empty(1, b.shape[1], a.shape[1]))
 
 
-def _wgrad(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+def _wgrad(a: Tensor, b: Tensor, offsets: Tensor, segs=None) -> Tensor:
     """Per segment ``a_e^T @ b_e``: ``[E, A, B]``, zeros for empty segments, rows past the last one ignored."""
-    if _wgrad_ok(a, b):
+    if segs is None and _wgrad_ok(a, b):
         return F.grouped_mm(a.t(), b.contiguous(), offs=offsets)
     out = torch.zeros(offsets.shape[0], a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
-    lo = 0
-    for e, hi in enumerate(offsets.tolist()):
-        if hi > lo:
-            out[e] = a[lo:hi].t() @ b[lo:hi]
-        lo = hi
+    if segs is None:
+        ends = offsets.tolist()
+        segs = [(e, lo, hi) for e, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)) if hi > lo]
+    for e, lo, hi in segs:
+        torch.mm(a[lo:hi].t(), b[lo:hi], out=out[e])
     return out
+
+
+def _weight_grad(g_out: Tensor, x: Tensor, offsets: Tensor, segs, w: Tensor) -> Tensor:
+    """The gradient of ``w [E, N, K]`` (rows: ``g_out [S, N]``, ``x [S, K]``), laid out as ``w`` is: a transposed
+    view (transformers' ``is_transposed`` weights) gets a transposed view, so accumulating it into the
+    parameter's ``.grad`` is a contiguous add."""
+    if w.dim() == 3 and not w.is_contiguous() and w.transpose(1, 2).is_contiguous():
+        return _wgrad(x, g_out, offsets, segs).transpose(1, 2)
+    return _wgrad(g_out, x, offsets, segs)
 
 
 def _segment_sum(y: Tensor, row_expert: Tensor, E: int) -> Tensor:
@@ -113,12 +132,13 @@ def _forward(hidden, w13, w2, topk_weights, topk_ids, kind, gated, b13, b2, on_i
     if on_input:
         w_row = topk_weights.reshape(-1).index_select(0, order).to(ref.acc_dtype(hidden.dtype))
         xs = (xs.to(w_row.dtype) * w_row[:, None]).to(hidden.dtype)
-    h = _gmm(xs, w13, offsets, True)  # [S, 2I]
+    segs = _segments(offsets)
+    h = _gmm(xs, w13, offsets, True, segs)  # [S, 2I]
     row_e = row_expert.clamp(max=E - 1)
     if b13 is not None:
         h = h + b13.index_select(0, row_e).to(h.dtype)
     a = ref.activation(h, kind, gated, interleaved)  # [S, I]
-    ys = _gmm(a, w2, offsets, True)  # [S, H]
+    ys = _gmm(a, w2, offsets, True, segs)  # [S, H]
     if b2 is not None:
         ys = ys + b2.index_select(0, row_e).to(ys.dtype)
     y_tok = _by_token(ys, slot_row, kept, T, k)  # [T, k, H]
@@ -169,9 +189,10 @@ def fused_moe_torch_backward(
     g_ys = grad_out.index_select(0, order // k)  # [S, H]
     if not on_input:
         g_ys = (g_ys.to(acc) * w_row[:, None]).to(hidden.dtype)
-    g_a = _gmm(g_ys, w2, offsets, False)  # [S, I]
+    segs = _segments(offsets)
+    g_a = _gmm(g_ys, w2, offsets, False, segs)  # [S, I]
     g_h = ref.activation_backward(g_a, h, activation, gated, gate_up_interleaved)  # [S, 2I]
-    g_xs = _gmm(g_h, w13, offsets, False)  # [S, H]
+    g_xs = _gmm(g_h, w13, offsets, False, segs)  # [S, H]
     if on_input:
         x_tok = hidden.index_select(0, order // k).to(acc)
         g_w_row = (g_xs.to(acc) * x_tok).sum(-1)  # [S]
@@ -181,8 +202,8 @@ def fused_moe_torch_backward(
         g_w = torch.einsum("tjn,tn->tj", y_tok.to(acc), grad_out.to(acc))
         g_hidden = _combine(_by_token(g_xs, slot_row, kept, T, k), None)
     a = ref.activation(h, activation, gated, gate_up_interleaved)  # recomputed: elementwise, cheap
-    g_w13 = _wgrad(g_h, xs, offsets)
-    g_w2 = _wgrad(g_ys, a, offsets)
+    g_w13 = _weight_grad(g_h, xs, offsets, segs, w13)
+    g_w2 = _weight_grad(g_ys, a, offsets, segs, w2)
     empty = hidden.new_empty(0)
     g_b13 = _segment_sum(g_h, row_expert, E) if has_b13 else empty
     g_b2 = _segment_sum(g_ys, row_expert, E) if has_b2 else empty.clone()

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from . import _alloc, _backends
-from . import reference as ref
 from . import ops
 from .ops import gating_autograd
 
@@ -145,70 +144,7 @@ if _gating is not None:
     _backends.register("grouped_gemm_wgrad", "triton", _gemm_supports)(
         torch.ops.moe_kernels.grouped_gemm_wgrad_triton.default)
 
-    def _moe_plan(topk_ids, num_experts, capacity, expert_map, kw):
-        return _plan.plan_routing(topk_ids, num_experts, 1, capacity, expert_map, **kw)
-
-    @triton_op("moe_kernels::fused_moe_triton", mutates_args=())
-    def fused_moe_triton(
-        hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str, gated: bool,
-        w13_bias: Optional[Tensor], w2_bias: Optional[Tensor], apply_router_weight_on_input: bool,
-        capacity: Optional[int], expert_map: Optional[Tensor], gate_up_interleaved: bool = False,
-    ) -> Tensor:
-        """plan -> GEMM1 (gather, activation) -> GEMM2 (weights, scatter to slots) -> sum over the k slots.
-        Neither a permuted copy of ``hidden`` nor the pre-activation is written."""
-        kw = dict(launch=_LAUNCH, empty=_empty)
-        k, on_input = topk_ids.shape[1], apply_router_weight_on_input
-        slots, offsets, _, slot_to_row = _moe_plan(topk_ids, w13.shape[0], capacity, expert_map, kw)
-        w_flat = topk_weights.reshape(-1).float().contiguous()
-        h = _gg.grouped_gemm(hidden, w13, offsets, w13_bias, slots, True, gather_top_k=k, activation=activation,
-                             gated=gated, interleaved=gate_up_interleaved, row_weights=w_flat if on_input else None,
-                             scale_input=True, **kw)  # [P, I]
-        y_slots = _gg.grouped_gemm(h, w2, offsets, w2_bias, slots, True, row_weights=None if on_input else w_flat,
-                                   scatter_slots=slot_to_row.shape[0], **kw)  # [T*k, H], token order
-        kept = torch.where(slot_to_row >= 0, torch.arange(slot_to_row.shape[0], device=hidden.device), -1)
-        return _permute.unpermute(y_slots, slots, kept.to(torch.int32), k, None, **kw)
-
-    @triton_op("moe_kernels::fused_moe_backward_triton", mutates_args=())
-    def fused_moe_backward_triton(
-        grad_out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
-        activation: str, gated: bool, w13_bias: Optional[Tensor], w2_bias: Optional[Tensor],
-        apply_router_weight_on_input: bool, capacity: Optional[int], expert_map: Optional[Tensor],
-        gate_up_interleaved: bool = False,
-    ) -> List[Tensor]:
-        """Gradients ``(hidden, w13, w2, topk_weights, w13_bias, w2_bias)``; the first GEMM and the
-        activation are recomputed (only the inputs are kept from forward)."""
-        kw = dict(launch=_LAUNCH, empty=_empty)
-        k, on_input = topk_ids.shape[1], apply_router_weight_on_input
-        slots, offsets, _, slot_to_row = _moe_plan(topk_ids, w13.shape[0], capacity, expert_map, kw)
-        w_in = topk_weights if on_input else None
-        w_out = None if on_input else topk_weights
-        xs = _permute.permute(hidden, slots, slot_to_row, k, w_in, **kw)  # [P, H]
-        h = _gg.grouped_gemm(xs, w13, offsets, w13_bias, slots, True, **kw)  # [P, 2I] pre-activation
-        a = ref.activation(h, activation, gated, gate_up_interleaved)  # [P, I]
-        g_ys = _permute.permute(grad_out, slots, slot_to_row, k, w_out, **kw)  # [P, H]
-        g_a = _gg.grouped_gemm(g_ys, w2, offsets, None, slots, False, **kw)  # [P, I]
-        g_h = ref.activation_backward(g_a, h, activation, gated, gate_up_interleaved)  # [P, 2I]
-        g_xs = _gg.grouped_gemm(g_h, w13, offsets, None, slots, False, **kw)  # [P, H]
-        g_hidden = _permute.unpermute(g_xs, slots, slot_to_row, k, w_in, **kw)
-        if on_input:
-            g_w = _permute.slot_dots(g_xs, slot_to_row, hidden, k, **kw)
-        else:
-            ys = _gg.grouped_gemm(a, w2, offsets, w2_bias, slots, True, **kw)  # [P, H]
-            g_w = _permute.slot_dots(ys, slot_to_row, grad_out, k, **kw)
-        g_w13 = _gg.grouped_wgrad(g_h, xs, offsets, **kw)
-        g_w2 = _gg.grouped_wgrad(g_ys, a, offsets, **kw)
-        ones = torch.ones(slots.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
-        g_b13 = _gg.grouped_wgrad(ones, g_h, offsets, **kw)[:, 0, :] if w13_bias is not None else hidden.new_empty(0)
-        g_b2 = _gg.grouped_wgrad(ones, g_ys, offsets, **kw)[:, 0, :] if w2_bias is not None else hidden.new_empty(0)
-        return [g_hidden, g_w13, g_w2, g_w.to(topk_weights.dtype), g_b13, g_b2]
-
-    _bwd, _setup = ops.moe_autograd(fused_moe_backward_triton)
-    fused_moe_triton.register_autograd(_bwd, setup_context=_setup)
-
-    def _moe_supports(hidden, w13, *args, **kwargs):
-        return _no_fp64(hidden) or (f"the triton plan kernel serves E <= 2047, got {w13.shape[0]}" if w13.shape[0] > 2047 else None)
-
-    _backends.register("fused_moe", "triton", _moe_supports)(torch.ops.moe_kernels.fused_moe_triton.default)
+    from . import _triton_moe  # noqa: F401  (the fused MoE ops register themselves)
 
     from . import lora as _lora
     from .triton_kernels import lora as _lora_kernels

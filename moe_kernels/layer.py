@@ -48,6 +48,9 @@ class MoE(nn.Module):
     token counts per expert and routing entropy over calls until ``run_stats.reset()``. ``capacity_factor`` sets each expert's capacity to
     ``ceil(capacity_factor * T * k / E)`` slots, ``drop_policy`` which slots it keeps (see :func:`plan_routing`).
 
+    ``save_preactivation=True`` keeps the experts' pre-activation ``[T*k, 2I]`` from the forward so that the
+    backward skips recomputing the first GEMM (fused_moe's option; single-rank top-k routing).
+
     ``routing="expert_choice"`` lets every expert pick its ``ceil(capacity_factor * T * k / E)`` best
     tokens (Zhou et al., 2022; ``capacity_factor`` defaults to 1, so tokens get k experts on average);
     the load-balancing loss does not apply there (the load is even by construction).
@@ -105,6 +108,7 @@ class MoE(nn.Module):
         ep_group=None,
         shadow_experts: int = 0,
         residual: bool = False,
+        save_preactivation: bool = False,
     ):
         config = {n: v for n, v in locals().items() if n not in ("self", "__class__")}  # for merge_experts / to_dense
         super().__init__()
@@ -140,6 +144,7 @@ class MoE(nn.Module):
         self.routing = routing
         self.drop_policy = drop_policy
         self.backend = backend
+        self.save_preactivation = bool(save_preactivation)
         if ep_group is not None and (routing == "expert_choice" or capacity_factor is not None):
             raise ValueError(f"{fn}: ep_group supports top-k routing without capacity_factor, got routing={routing!r}, "
                              f"capacity_factor={capacity_factor}")
@@ -261,10 +266,11 @@ class MoE(nn.Module):
         else:
             logits, weights, ids, stats = self.route(x)
             run = fused_moe if self.ep is None else self.ep.experts
+            more = dict(save_preactivation=True) if self.save_preactivation and self.ep is None else {}
             out = run(
                 x, self.w13, self.w2, weights, ids, activation=self.activation, gated=self.gated,
                 w13_bias=self.b13, w2_bias=self.b2, capacity=self._capacity(x.shape[0], None), backend=self.backend,
-                **({} if self.ep is not None else {"drop_policy": self.drop_policy}),  # EP: no capacity
+                **more, **({} if self.ep is not None else {"drop_policy": self.drop_policy}),  # EP: no capacity
             )
         if self.shared is not None:
             shared = self.shared(x)

@@ -12,6 +12,7 @@ from .routing import _capacity_drop
 
 _OPS = torch.ops.moe_kernels
 _backends.register("fused_moe", "torch")(_torch_moe.fused_moe)  # the reference op's math, less glue
+_backends.register("fused_moe_saved", "torch")(_torch_moe.fused_moe)  # keeps what its backward needs either way
 
 
 def activation(h: torch.Tensor, kind: str = "silu", *, gated: bool = True) -> torch.Tensor:
@@ -42,6 +43,7 @@ def fused_moe(
     drop_policy: str = "gshard",
     expert_map: torch.Tensor | None = None,
     gate_up_interleaved: bool = False,
+    save_preactivation: bool = False,
     a13_scale: torch.Tensor | None = None,
     a2_scale: torch.Tensor | None = None,
     backend: str = "auto",
@@ -68,6 +70,9 @@ def fused_moe(
     ``gate_up_interleaved``: the rows of ``w13`` and ``w13_bias`` alternate gate, up (gpt-oss's layout, e.g.
     ``gate_up_proj.transpose(1, 2)`` without a copy) instead of all gate rows then all up rows.
     Differentiable in hidden, w13, w2, the biases and topk_weights.
+    By default only the inputs are kept for the backward, which recomputes the first GEMM (4 GEMM FLOPs
+    of it in all on the triton backend); ``save_preactivation=True`` keeps the pre-activation
+    ``[T*k, 2I]`` instead (3 of it), as SonicMoE does: memory for a quarter of the backward's GEMM work.
 
     FP8 experts: ``w13`` and ``w2`` may both be :class:`~moe_kernels.QuantizedWeight` (inference only). Each GEMM's
     input is then quantized dynamically as its weight's layout asks (:mod:`moe_kernels.quant`), or with the static
@@ -123,8 +128,9 @@ def fused_moe(
         topk_ids = _capacity_drop(fn, topk_ids, E, capacity, drop_policy, topk_weights, expert_map, backend)
         capacity = None
     interleaved = bool(gate_up_interleaved) and bool(gated)
-    impl = _backends.select(fn, backend, hidden.device, hidden, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
-                            activation=activation, gate_up_interleaved=interleaved)
+    impl = _backends.select("fused_moe_saved" if save_preactivation else fn, backend, hidden.device, hidden, w13, w2,
+                            topk_weights, topk_ids, w13_bias, w2_bias, activation=activation,
+                            gate_up_interleaved=interleaved)
     extra = (True,) if interleaved else ()  # only then: every backend's op takes the flag last, with default False
     return impl(hidden, w13, w2, topk_weights, topk_ids, activation, bool(gated), w13_bias, w2_bias,
                 bool(apply_router_weight_on_input), capacity, expert_map, *extra)

@@ -98,7 +98,9 @@ def _tiny_kwargs(default, depth: int = 0) -> dict:
     """Constructor arguments that shrink a config like ``default`` (its sub-configs included)."""
     from transformers import PretrainedConfig
 
-    kw = {name: (list(v) if isinstance(v, list) else v) for name, v in TINY.items() if _get(default, name) is not None}
+    settable = lambda n: (n in vars(default) or hasattr(type(default), n)) and not (
+        isinstance(getattr(type(default), n, None), property) and getattr(type(default), n).fset is None)
+    kw = {name: (list(v) if isinstance(v, list) else v) for name, v in TINY.items() if settable(name)}
     if _get(default, "qk_rope_head_dim") is not None:  # MLA: head_dim is derived from the rope part
         kw.pop("head_dim", None)
     if depth < 3:
@@ -127,12 +129,22 @@ def _tiny_kwargs(default, depth: int = 0) -> dict:
     return kw
 
 
-def tiny_config(model_type: str):
-    """A config of ``model_type`` shrunk to :data:`TINY` sizes."""
+def tiny_config(model_type: str, rebuild: bool = True):
+    """A config of ``model_type`` shrunk to :data:`TINY` sizes: built again from the shrunk arguments (so derived
+    sizes follow), or (``rebuild=False``) the default config with the sizes set on it."""
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    return cls(**_tiny_kwargs(cls()))
+    default = cls()
+    kw = _tiny_kwargs(default)
+    if rebuild:
+        return cls(**kw)
+    for name, v in kw.items():
+        try:
+            setattr(default, name, v)
+        except Exception:
+            pass
+    return default
 
 
 def _classes(family: str, cfg):
@@ -146,34 +158,43 @@ def _classes(family: str, cfg):
     return sorted(found, key=rank)
 
 
-def build(family: str, dtype=torch.float32):
-    """``(model, model_type)`` of a tiny random model of ``family``; raises with the reason when it cannot."""
-    errors = []
-    types = _model_types(family)
-    types = sorted(types, key=lambda t: (t != family + "_text", t != family, t))
-    for mt in types:
-        try:
-            cfg = tiny_config(mt)
-        except Exception as exc:
-            errors.append(f"{mt}: config ({type(exc).__name__}: {str(exc)[:80]})")
-            continue
-        for cls in _classes(family, cfg):
+def candidates(family: str, dtype=torch.float32):
+    """Tiny random models of ``family`` (``(model, model_type)``), in order of preference; errors are collected in
+    the generator's ``errors`` list attribute through :func:`build`."""
+    types = sorted(_model_types(family), key=lambda t: (t != family + "_text", t != family, t))
+    for rebuild in (True, False):
+        for mt in types:
             try:
-                cfg._experts_implementation = "eager"
-                with torch.device("meta"):
-                    n = sum(p.numel() for p in cls(cfg).parameters())
-                if n > MAX_PARAMS:
-                    errors.append(f"{cls.__name__}: {n / 1e6:.0f}M parameters after shrinking the config")
-                    continue
-                torch.manual_seed(0)
-                model = cls(cfg).to(dtype).eval()
+                cfg = tiny_config(mt, rebuild)
             except Exception as exc:
-                errors.append(f"{cls.__name__}: {type(exc).__name__}: {str(exc)[:100]}")
+                yield None, f"{mt}: config ({type(exc).__name__}: {str(exc)[:80]})"
                 continue
-            if not any(_is_experts(m) for m in model.modules()):
-                errors.append(f"{cls.__name__}: no experts module in the tiny model")
-                continue
-            return model, mt
+            for cls in _classes(family, cfg):
+                try:
+                    cfg._experts_implementation = "eager"
+                    with torch.device("meta"):
+                        n = sum(p.numel() for p in cls(cfg).parameters())
+                    if n > MAX_PARAMS:
+                        yield None, f"{cls.__name__}: {n / 1e6:.0f}M parameters after shrinking the config"
+                        continue
+                    torch.manual_seed(0)
+                    model = cls(cfg).to(dtype).eval()
+                except Exception as exc:
+                    yield None, f"{cls.__name__}: {type(exc).__name__}: {str(exc)[:100]}"
+                    continue
+                if not any(_is_experts(m) for m in model.modules()):
+                    yield None, f"{cls.__name__}: no experts module in the tiny model"
+                    continue
+                yield (model, mt), ""
+
+
+def build(family: str, dtype=torch.float32):
+    """``(model, model_type)`` of the first tiny random model of ``family``; raises with the reasons when none."""
+    errors = []
+    for got, why in candidates(family, dtype):
+        if got is not None:
+            return got
+        errors.append(why)
     raise RuntimeError("; ".join(errors) or "no model type or class found")
 
 
@@ -207,20 +228,24 @@ def compare(family: str, backend: str | None = None) -> Result:
     register()
     r = Result(family)
     t0 = time.perf_counter()
-    try:
-        model, r.model_type = build(family)
-    except Exception as exc:
-        r.status, r.detail = "not buildable", str(exc)[:300]
+    errors = []
+    for got, why in candidates(family):  # the first tiny model whose eager forward and backward run
+        if got is None:
+            errors.append(why)
+            continue
+        model, r.model_type = got
+        torch.manual_seed(2)
+        vocab = getattr(model.config.get_text_config(), "vocab_size", 128) or 128
+        inputs = {"input_ids": torch.randint(1, min(vocab, 128), (2, 6)), "use_cache": False}
+        try:
+            y0, g0 = _run(model, inputs, "eager")
+            break
+        except Exception as exc:
+            errors.append(f"{type(model).__name__}: eager run failed: {type(exc).__name__}: {str(exc)[:120]}")
+    else:
+        r.status, r.detail = "not buildable", "; ".join(dict.fromkeys(errors))[:400]
         return r
     r.model_class = type(model).__name__
-    torch.manual_seed(2)
-    vocab = getattr(model.config.get_text_config(), "vocab_size", 128) or 128
-    inputs = {"input_ids": torch.randint(1, min(vocab, 128), (2, 6)), "use_cache": False}
-    try:
-        y0, g0 = _run(model, inputs, "eager")
-    except Exception as exc:
-        r.status, r.detail = "not buildable", f"eager forward failed: {type(exc).__name__}: {str(exc)[:200]}"
-        return r
     old = hf_experts.BACKEND
     hf_experts.BACKEND = backend or old
     try:

@@ -14,7 +14,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from moe_kernels.triton_kernels import expert_choice, gating, grouped_gemm, lora, permute, plan  # noqa: E402
+from moe_kernels.triton_kernels import combine, expert_choice, gating, grouped_gemm, lora, permute, plan, schedule  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -36,13 +36,15 @@ def signature(kernel, types, consts):
     return sig
 
 
-BF16_GEMM = {p: "*bf16" for p in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")}
-GEMM_INDEX = {"slots_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_row_ptr": "*i64", "offsets_ptr": "*i64",
+BF16_GEMM = {p: "*bf16" for p in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "pre_ptr", "act_out_ptr", "tok_ptr")}
+GEMM_INDEX = {"slots_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_row_ptr": "*i32", "offsets_ptr": "*i32",
               "num_tiles_ptr": "*i32"}
 GEMM_FLAGS = dict(HAS_SLOTS=True, GATHER=False, SCATTER=False, IN_SCALE=False, OUT_SCALE=False, HAS_BIAS=False, ACT=0,
-                  GATED=False, UPCAST=False, IEEE=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+                  GATED=False, UPCAST=False, IEEE=False, STORE_PRE=False, ACT_BWD=False, ROW_DOT=False, BIAS_DOT=False,
+                  BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=False, NUM_PROGS=1)
 PLAN_INDEX = {p: "*i32" for p in ("ids_ptr", "map_ptr", "rank_ptr", "hist_ptr", "base_ptr", "offsets_ptr", "rank_out_ptr",
-                                  "slot_to_row_ptr", "sorted_slots_ptr")}
+                                  "slot_to_row_ptr", "sorted_slots_ptr", "fill_ptr", "tile_seg_ptr", "tile_row_ptr",
+                                  "num_tiles_ptr", "counts_ptr", "seg_ptr", "row_ptr", "num_ptr")}
 
 CASES = [
     ("topk_gating softmax", gating.topk_gating_kernel, {"logits_ptr": "*fp32", "ids_ptr": "*i32", "counts_part_ptr": "*i32",
@@ -63,9 +65,14 @@ CASES = [
      dict(HAS_WEIGHTS=True, BLOCK_T=4, BLOCK_N=1024)),
     ("slot_dots", permute.slot_dots_kernel, {"rows_ptr": "*bf16", "tok_ptr": "*bf16", "slot_to_row_ptr": "*i32"},
      dict(BLOCK_S=32, BLOCK_N=128)),
-    ("plan hist", plan.plan_hist_kernel, PLAN_INDEX, dict(PRIORITY=True, HAS_MAP=True, HAS_CAP=True, BLOCK_E=256, BLOCK=128)),
+    ("plan hist", plan.plan_hist_kernel, PLAN_INDEX, dict(PRIORITY=True, HAS_MAP=True, HAS_CAP=True, BLOCK_E=256, BLOCK=128,
+                                                         FILL=True)),
+    ("plan scan", plan.plan_scan_kernel, PLAN_INDEX, dict(FINAL=True, BLOCK_E=256, BLOCK_P=32)),
     ("plan rank", plan.plan_rank_kernel, PLAN_INDEX, dict(PRIORITY=False, HAS_MAP=True, HAS_CAP=True, FINAL=True,
-                                                         BLOCK_E=256, BLOCK=128)),
+                                                         BLOCK_E=256, BLOCK=128, SCHEDULE=True, TILE_M=64, BLOCK_T=32)),
+    ("tile schedule", schedule.tile_schedule_kernel, PLAN_INDEX, dict(TILE_M=16, BLOCK_E=512, BLOCK_T=16)),
+    ("combine + dots", combine.combine_kernel, {"rows_ptr": "*bf16", "out_ptr": "*bf16", "slot_to_row_ptr": "*i32"},
+     dict(HAS_PARTS=True, BLOCK_T=4, BLOCK_N=1024, BLOCK_P=16)),
     ("gemm plain", grouped_gemm.grouped_gemm_kernel, {**BF16_GEMM, **GEMM_INDEX}, GEMM_FLAGS),
     ("gemm gather+gated silu+bias+in-scale", grouped_gemm.grouped_gemm_kernel, {**BF16_GEMM, **GEMM_INDEX},
      {**GEMM_FLAGS, "GATHER": True, "IN_SCALE": True, "HAS_BIAS": True, "ACT": 1, "GATED": True}),
@@ -74,9 +81,17 @@ CASES = [
     ("gemm scatter+out-scale fp32", grouped_gemm.grouped_gemm_kernel, GEMM_INDEX,
      {**GEMM_FLAGS, "SCATTER": True, "OUT_SCALE": True, "IEEE": True, "BLOCK_K": 32}),
     ("gemm gelu plain", grouped_gemm.grouped_gemm_kernel, {**BF16_GEMM, **GEMM_INDEX}, {**GEMM_FLAGS, "ACT": 2}),
+    ("gemm gated+store pre persistent", grouped_gemm.grouped_gemm_kernel, {**BF16_GEMM, **GEMM_INDEX},
+     {**GEMM_FLAGS, "GATHER": True, "ACT": 1, "GATED": True, "STORE_PRE": True, "PERSISTENT": True, "NUM_PROGS": 132}),
+    ("gemm act backward+dots", grouped_gemm.grouped_gemm_kernel, {**BF16_GEMM, **GEMM_INDEX},
+     {**GEMM_FLAGS, "GATHER": True, "OUT_SCALE": True, "ACT": 4, "GATED": True, "ACT_BWD": True, "ROW_DOT": True,
+      "BIAS_DOT": True}),
+    ("gemm dX scatter+dots", grouped_gemm.grouped_gemm_kernel, {**BF16_GEMM, **GEMM_INDEX},
+     {**GEMM_FLAGS, "SCATTER": True, "OUT_SCALE": True, "ROW_DOT": True}),
     ("wgrad", grouped_gemm.grouped_wgrad_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
-                                                  "offsets_ptr": "*i32", "slots_ptr": "*i32"},
-     dict(HAS_SLOTS=True, UPCAST=False, IEEE=False, BLOCK_A=64, BLOCK_B=64, BLOCK_M=32)),
+                                                  "bias_out_ptr": "*bf16", "offsets_ptr": "*i32", "slots_ptr": "*i32"},
+     dict(HAS_SLOTS=True, GATHER_A=True, GATHER_B=False, SCALE_A=True, SCALE_B=False, BIAS_A=True, UPCAST=False,
+          IEEE=False, BLOCK_A=128, BLOCK_B=128, BLOCK_M=64, NUM_PROGS=132)),
     ("lora add_slot_sums", lora.add_slot_sums_kernel, {"base_ptr": "*bf16", "rows_ptr": "*bf16", "out_ptr": "*bf16",
                                                        "slot_to_row_ptr": "*i32"}, dict(BLOCK_T=4, BLOCK_N=512)),
 ]

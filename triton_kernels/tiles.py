@@ -1,0 +1,149 @@
+"""Tile configs of the grouped GEMM and dW kernels, chosen per GPU architecture.
+
+The target is ``_launch.target`` (the tensors' GPU or ``MOE_KERNELS_ASSUME_DEVICE``: compute capability,
+shared memory per block, SM count); a tuned JSON file (see :mod:`configs`) overrides the heuristic for
+its shape. Rows per expert come from ``configs._rows_per_expert`` (fixed in the batch-invariant mode).
+The heuristic:
+
+============ ============================== =================================================
+rows/expert  tile (BLOCK_M x BLOCK_N x K)    why
+============ ============================== =================================================
+<= 16        16 x 64 x 128, 4 warps          decode: bound by the weight bytes; many n-tiles
+<= 32        32 x 128 x 64, 4 warps
+<= 96        64 x 128 x 64, 4 warps          one warpgroup MMA (wgmma m64) per tile
+> 96         128 x 256 x 64, 8 warps (sm_90)  prefill: BLOCK_N 256 for one weight matrix, 128 for the
+             128 x 128 x 64, 8 warps          gated GEMM (two accumulators) on sm_90, one weight on sm_80/86/89;
+             128 x 64 x 64, 8 warps           the dA GEMM (its epilogue holds h, dH and act(h) tiles:
+                                             BLOCK_N 128 spills on sm_90) and the gated GEMM on sm_80/86/89
+                                             (two 128 x 128 mma.sync accumulators spill)
+============ ============================== =================================================
+
+Tile order: GROUP_M m-tiles per group (n-tiles inside), as many as fill 70% of L2 with their A rows;
+dW tiles likewise (GROUP_A a-tiles per group of an expert, at the average rows per expert).
+Stages: 4 where ``stages x (BM x BK + n_w x BK x BN) x bytes`` fits the architecture's shared memory
+(sm_90 232,448 B, sm_80 166,912 B, sm_86/89 101,376 B per block), else as many as fit (at least 2).
+Prefill GEMMs on sm_90 run persistent (grid = SMs x resident programs, striding over the real tiles).
+On CPU (the interpreter) tiles are clamped small to keep it fast; the results do not depend on tiles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _launch, configs
+from ._utils import next_pow2
+
+DEFAULT_SMEM = 101376  # the smallest of the targets: safe for an architecture not listed
+L2 = {"sm_80": 40 * 2**20, "sm_86": 6 * 2**20, "sm_89": 72 * 2**20, "sm_90": 50 * 2**20, "sm_100": 126 * 2**20}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def target(device: torch.device) -> tuple[tuple[int, int], int, int]:
+    """``(compute capability, shared memory per block in bytes, SMs)`` of ``_launch.target`` (the
+    tensors' GPU, or ``MOE_KERNELS_ASSUME_DEVICE``); for CPU tensors in the interpreter with no assumed
+    device a small stand-in (4 SMs), so that the persistent loops run several tiles a program there."""
+    if device.type == "cpu" and interpreting() and not os.environ.get("MOE_KERNELS_ASSUME_DEVICE"):
+        return (0, 0), DEFAULT_SMEM, 4
+    t = _launch.target(device)
+    return t.capability, t.smem_per_block, t.sm_count
+
+
+def l2_bytes(device: torch.device) -> int:
+    """L2 cache of the device (or of the assumed one; 6 MB, the smallest listed, when unknown)."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 0) or L2["sm_86"]
+    if device.type == "cpu" and interpreting() and not os.environ.get("MOE_KERNELS_ASSUME_DEVICE"):
+        return L2["sm_86"]
+    return L2.get(_launch.target(device).arch, L2["sm_86"])
+
+
+def group_m(block: int, K: int, es: int, l2: int) -> int:
+    """Tiles per group of the tile order: as many row-blocks (``block x K`` elements) as fill 70% of L2
+    (1 to 32), so that a group's rows stay in L2 while its other tiles stream the weights, and each
+    weight tile is read from HBM once per group (the rest of L2 holds a wave's weight tiles)."""
+    return max(1, min(32, (l2 * 7 // 10) // max(block * K * es, 1)))
+
+
+def smem_bytes(bm: int, bn: int, bk: int, stages: int, es: int, n_w: int = 1) -> int:
+    """Shared memory of the pipelined operand buffers: ``stages`` copies of an A and ``n_w`` B tiles."""
+    return stages * (bm * bk + n_w * bk * bn) * es
+
+
+def _fit_stages(cfg: dict, es: int, n_w: int, smem: int) -> dict:
+    stages = 4
+    while stages > 2 and smem_bytes(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], stages, es, n_w) > smem:
+        stages -= 1
+    cfg["num_stages"] = stages
+    return cfg
+
+
+def gemm_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, device: torch.device,
+                block_m: int | None = None) -> dict:
+    """The config of one grouped GEMM launch (``kernel`` "gemm", "gemm_gated" or "gemm_act_bwd"; M rows, N output columns,
+    K reduction); ``block_m`` forces the row tile (a schedule built for it)."""
+    cap, smem, sms = target(device)
+    es = dtype.itemsize
+    n_w = 2 if kernel == "gemm_gated" else 1
+    tuned = configs._load(str(configs.config_file(kernel, E, N, K, dtype, configs.device_name(device))))
+    if tuned:
+        cfg = dict(tuned[min(tuned, key=lambda m: abs(m - M))])
+    else:
+        rows = max(1, configs._rows_per_expert(M, E))  # fixed in the batch-invariant mode, never from T
+        if rows <= 16:
+            cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
+        elif rows <= 32:
+            cfg = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4)
+        elif rows <= 96:
+            cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4)
+        else:
+            wide = cap >= (9, 0) and kernel == "gemm"  # the dA epilogue holds h tiles too: 128 wide
+            narrow = kernel == "gemm_act_bwd" or (kernel == "gemm_gated" and cap < (9, 0))
+            cfg = dict(BLOCK_M=128, BLOCK_N=256 if wide else 64 if narrow else 128, BLOCK_K=64, num_warps=8)
+            cfg["PERSISTENT"] = cap >= (9, 0) and kernel != "gemm_act_bwd"  # persistent dA spills (sm_90)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, next_pow2(N)))
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, next_pow2(K)))
+        if dtype == torch.float32:
+            cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
+    if block_m is not None:
+        cfg["BLOCK_M"] = block_m
+    cfg.setdefault("GROUP_M", group_m(cfg["BLOCK_M"], K, es, l2_bytes(device)))
+    cfg.setdefault("PERSISTENT", False)
+    if interpreting() and device.type == "cpu":  # small tiles keep the interpreter fast
+        cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 32) if block_m is None else block_m, BLOCK_N=min(cfg["BLOCK_N"], 64),
+                   BLOCK_K=min(cfg["BLOCK_K"], 32))
+    if "num_stages" not in cfg or not tuned:
+        _fit_stages(cfg, es, n_w, smem)
+    per_prog = smem_bytes(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], es, n_w)
+    cfg.setdefault("NUM_PROGS", sms * max(1, min(4, smem // max(per_prog, 1))))
+    return cfg
+
+
+def fused_block_m(M: int, E: int, dtype: torch.dtype, device: torch.device, I: int, H: int) -> int:
+    """The row tile shared by both GEMMs of fused_moe (one schedule from the plan): the first GEMM's."""
+    return gemm_config("gemm_gated", M, I, H, E, dtype, device)["BLOCK_M"]
+
+
+def wgrad_config(A: int, B: int, dtype: torch.dtype, device: torch.device, rows_per_expert: int = 0) -> dict:
+    """dW tiles ``out[e] = a_e^T b_e`` ([A, B] per expert, reduction over the segment's rows): 128 x 128
+    output tiles, 64 rows a step, 8 warps, 4 stages where they fit, persistent over (expert, tile)."""
+    cap, smem, sms = target(device)
+    es = dtype.itemsize
+    ba, bb = min(128, max(16, next_pow2(A))), min(128, max(16, next_pow2(B)))
+    bm = 32 if dtype == torch.float32 else 64
+    if interpreting() and device.type == "cpu":
+        ba, bb, bm = min(ba, 64), min(bb, 64), 32
+    cfg = dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_M=bm, num_warps=8 if ba * bb >= 128 * 128 else 4)
+    stages = 4
+    while stages > 2 and stages * (bm * ba + bm * bb) * es > smem:
+        stages -= 1
+    cfg["num_stages"] = stages
+    per_prog = stages * (bm * ba + bm * bb) * es
+    cfg["NUM_PROGS"] = sms * max(1, min(2, smem // max(per_prog, 1)))
+    cfg["GROUP_A"] = group_m(ba, max(1, rows_per_expert), es, l2_bytes(device))  # a runtime argument: no recompiles
+    return cfg
