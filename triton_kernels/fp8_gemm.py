@@ -32,7 +32,8 @@ import triton.language as tl
 from . import configs as _configs
 from ._launch import DIRECT, Target, TARGETS, target
 from ._utils import next_pow2
-from .grouped_gemm import ACTS, _activate, _dot, tile_schedule
+from .grouped_gemm import ACTS, _activate, _dot
+from .schedule import tile_schedule
 
 AMAX_FLOOR = tl.constexpr(1e-10)  # the amax floor (a zero group never divides by zero)
 FLOOR = 1e-10
@@ -356,7 +357,9 @@ def fp8_grouped_gemm(
     if _interpreting():  # small tiles keep the interpreter fast; tile sizes do not change results
         bm, bn = min(bm, 32), min(bn, 128)
         bk = need_bk if need_bk is not None else min(bk, 128)
-    tile_seg, tile_row, num_tiles, ends, max_tiles = tile_schedule(expert_offsets, P, bm)
+    sched = tile_schedule(expert_offsets, P, bm, launch=launch, empty=empty)
+    tile_seg, tile_row, num_tiles, max_tiles = sched.tile_segment, sched.tile_row, sched.num_tiles, sched.max_tiles
+    ends = torch.cat([expert_offsets.to(torch.int64), expert_offsets.new_full((1,), P, dtype=torch.int64)])  # [E+2]
     grid = (max_tiles * triton.cdiv(N, bn),)
     bias = bias.contiguous() if bias is not None else None
     launch(fp8_grouped_gemm_kernel)[grid](
