@@ -14,6 +14,7 @@ Public API (every function takes ``backend="auto" | "torch" | "triton" | "cuda"`
 - :func:`load_balancing_loss`, :func:`seq_aux_loss`, :func:`router_z_loss`, :func:`routing_stats`, :func:`update_correction_bias`
 - :class:`ExpertParallel` - expert parallelism: dispatch rows to the ranks owning their experts and combine back
   (FasterMoE shadowing and chunked pipelining: ``shadow``, ``chunks``)
+- :class:`QuantizedWeight`, :func:`quantize` - FP8 expert weights (vLLM's layouts), accepted wherever a weight is
 - :func:`backends` - which backends can run here, and why not
 - :func:`batch_invariant` - a mode in which a token's results do not depend on the batch size
 """
@@ -39,6 +40,8 @@ from .gemm import grouped_gemm, grouped_gemm_wgrad
 from .layer import MoE
 from .lora import LoRAMoE, lora_moe, wrap_linear
 from .moe import activation, fused_moe
+from .quant import QuantizedWeight, quantize
+from . import _quant_ops  # noqa: E402,F401  (the FP8 ops, registered at import: torch.compile never imports them)
 from .routing import RoutingPlan, expert_choice_plan, permute, plan_routing, unpermute
 from .stats import RoutingStatsAccumulator
 from .upcycle import DenseFFN
@@ -54,6 +57,7 @@ __all__ = [
     "GatingStats",
     "LoRAMoE",
     "MoE",
+    "QuantizedWeight",
     "RoutingPlan",
     "RoutingStats",
     "RoutingStatsAccumulator",
@@ -72,6 +76,7 @@ __all__ = [
     "lora_moe",
     "permute",
     "plan_routing",
+    "quantize",
     "router_z_loss",
     "routing_stats",
     "seq_aux_loss",

@@ -6,6 +6,7 @@ import torch
 
 from . import _backends, _checks
 from . import ops  # noqa: F401
+from .quant import QuantizedWeight, check_not_raw_fp8
 from .routing import RoutingPlan
 
 _OPS = torch.ops.moe_kernels
@@ -20,6 +21,7 @@ def grouped_gemm(
     *,
     bias: torch.Tensor | None = None,
     weight_layout: str = "nk",
+    activation_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Every expert's rows times its own weight, in one call.
@@ -37,8 +39,20 @@ def grouped_gemm(
 
     Rows outside every segment, and padding rows of a plan, are zero. ``x_sorted`` and ``w`` share a
     float dtype; accumulation is fp32 (fp64 for fp64). Differentiable in ``x_sorted``, ``w`` and ``bias``.
+
+    ``w`` may be a :class:`~moe_kernels.QuantizedWeight` (FP8, ``[E, N, K]``; inference only): ``x_sorted`` is
+    then quantized dynamically (see :mod:`moe_kernels.quant`), or with the static per-tensor
+    ``activation_scale`` (one fp32 element) when given, and ``y`` comes out in ``x_sorted``'s dtype.
     """
     fn = "grouped_gemm"
+    if isinstance(w, QuantizedWeight):
+        from . import _quant_ops
+
+        return _quant_ops.grouped_gemm(x_sorted, w, plan_or_offsets, bias=bias, weight_layout=weight_layout,
+                                       activation_scale=activation_scale, backend=backend)
+    check_not_raw_fp8(fn, w=w)
+    if activation_scale is not None:
+        raise ValueError(f"{fn}: activation_scale is for a QuantizedWeight w; w is a dense {type(w).__name__}")
     _checks.check_choice(fn, "weight_layout", weight_layout, ("nk", "kn"))
     _checks.check_tensor(fn, "x_sorted", x_sorted, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[P, K]")
     K = x_sorted.shape[1]

@@ -300,6 +300,45 @@ class MoE(nn.Module):
         self.aux_loss = aux
         return out.reshape(shape)
 
+    def quantize_(self, fmt: str = "fp8", *, block_shape=None, per_channel: bool = False) -> "MoE":
+        """Quantize the routed experts' ``w13`` and ``w2`` in place (:func:`moe_kernels.quantize`; inference only:
+        a backward through them raises). Afterwards ``self.w13`` / ``self.w2`` are :class:`QuantizedWeight` values
+        over buffers ``w13_qdata``/``w13_qscale`` (and ``w2_*``), held as bit views (uint8 / int32) so that the
+        module's dtype casts (``.half()``, ``.to(torch.bfloat16)``) leave them untouched while device moves and
+        ``state_dict`` carry them. Router, biases and shared experts stay dense. Returns ``self``.
+
+        Example::
+
+            >>> moe = MoE(256, 512, num_experts=8, top_k=2).quantize_("fp8", block_shape=(128, 128))
+        """
+        from .quant import quantize
+
+        if self.ep is not None:
+            raise ValueError("MoE.quantize_: expert-parallel layers (ep_group) are not supported")
+        for name in ("w13", "w2"):
+            if name in self.__dict__.get("_quant", {}):
+                raise ValueError(f"MoE.quantize_: {name} is already quantized")
+        quant = {}
+        for name in ("w13", "w2"):
+            q = quantize(getattr(self, name).detach(), fmt, block_shape=block_shape, per_channel=per_channel)
+            delattr(self, name)
+            self.register_buffer(f"{name}_qdata", q.data.view(torch.uint8))
+            self.register_buffer(f"{name}_qscale", q.scale.view(torch.int32))
+            quant[name] = (q.fmt, q.block_shape, q.orig_dtype, q.data.dtype)
+        self._quant = quant
+        return self
+
+    def __getattr__(self, name: str):
+        quant = self.__dict__.get("_quant")
+        if quant and name in quant:
+            from .quant import QuantizedWeight
+
+            fmt, block_shape, orig_dtype, dtype = quant[name]
+            return QuantizedWeight(data=getattr(self, f"{name}_qdata").view(dtype),
+                                   scale=getattr(self, f"{name}_qscale").view(torch.float32), fmt=fmt,
+                                   block_shape=block_shape, orig_dtype=orig_dtype)
+        return super().__getattr__(name)
+
     @staticmethod
     def from_dense(mlp, num_experts: int, top_k: int, *, noise: float = 0.0, **kwargs) -> "MoE":
         """Sparse upcycling: every expert a copy of the dense FFN ``mlp`` (see :func:`moe_kernels.upcycle.from_dense`)."""

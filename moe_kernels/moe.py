@@ -6,6 +6,7 @@ import torch
 
 from . import _backends, _checks, _torch_moe
 from . import ops  # noqa: F401
+from .quant import QuantizedWeight, check_not_raw_fp8
 from .reference import DROP_POLICIES, GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
 from .routing import _capacity_drop
 
@@ -43,6 +44,8 @@ def fused_moe(
     expert_map: torch.Tensor | None = None,
     gate_up_interleaved: bool = False,
     save_preactivation: bool = False,
+    a13_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Run every token through its k experts and sum the outputs with the routing weights.
@@ -71,11 +74,26 @@ def fused_moe(
     of it in all on the triton backend); ``save_preactivation=True`` keeps the pre-activation
     ``[T*k, 2I]`` instead (3 of it), as SonicMoE does: memory for a quarter of the backward's GEMM work.
 
+    FP8 experts: ``w13`` and ``w2`` may both be :class:`~moe_kernels.QuantizedWeight` (inference only). Each GEMM's
+    input is then quantized dynamically as its weight's layout asks (:mod:`moe_kernels.quant`), or with the static
+    per-tensor ``a13_scale`` / ``a2_scale`` (one fp32 element each) when given.
+
     Example::
 
         >>> out = fused_moe(x, w13, w2, *topk_gating(x @ router.T, 2))
     """
     fn = "fused_moe"
+    if isinstance(w13, QuantizedWeight) or isinstance(w2, QuantizedWeight):
+        from . import _quant_ops
+
+        return _quant_ops.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation=activation, gated=gated,
+                                    w13_bias=w13_bias, w2_bias=w2_bias,
+                                    apply_router_weight_on_input=apply_router_weight_on_input, capacity=capacity,
+                                    expert_map=expert_map, a13_scale=a13_scale, a2_scale=a2_scale, backend=backend,
+                                    drop_policy=drop_policy, gate_up_interleaved=gate_up_interleaved)
+    check_not_raw_fp8(fn, w13=w13, w2=w2)
+    if a13_scale is not None or a2_scale is not None:
+        raise ValueError(f"{fn}: a13_scale / a2_scale are for QuantizedWeight experts; w13 and w2 are dense")
     f = _checks.FLOAT_DTYPES
     _checks.check_tensor(fn, "hidden", hidden, ndim=2, dtypes=f, layout="[T, H]")
     T, H = hidden.shape

@@ -75,8 +75,8 @@ from ..reference import OAI_ALPHA, OAI_LIMIT
 __all__ = ["FAMILIES", "Family", "KernelRouter", "MoEBlock", "Routing", "from_hf", "patch", "register"]
 
 EXPERTS_IMPLEMENTATION = "moe_kernels"
-FP8_MODULE = "moe_kernels.quantization"  # moe_kernels' FP8 experts, when present
-FP8_EXPERTS_FORWARD = "hf_fp8_experts_forward"  # its transformers FP8 experts forward
+FP8_MODULE = "moe_kernels.integrations.hf_fp8"  # moe_kernels' FP8 experts, when present
+FP8_EXPERTS_FORWARD = "fp8_experts_forward"  # its transformers FP8 experts forward
 
 
 def register(*, backend: str = "auto") -> list[str]:
