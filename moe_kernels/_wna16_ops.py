@@ -149,3 +149,5 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13
                 topk_ids, activation, bool(gated), w13_bias, w2_bias, bool(apply_router_weight_on_input), capacity,
                 expert_map)
 
+
+from . import _triton_wna16  # noqa: E402,F401  (registers the triton backend of these ops)

@@ -94,7 +94,10 @@ def check_moe(backend, fmt, x, w13, w2, tw, ti, dtype=torch.float16, **kw):
     expected = mk.fused_moe(x.to(dtype).double(), q13.dequantize(torch.float64), q2.dequantize(torch.float64), tw, ti,
                             backend="torch", **{n: _d(v) for n, v in kw.items()})
     assert y.dtype == dtype and y.shape == x.shape and torch.isfinite(y).all()
-    assert max_rel(y, expected) <= 1e-2, (fmt, max_rel(y, expected))
+    # the interpreter converts fp32 -> bf16 by truncation (a bias toward zero on every dequantized weight and
+    # intermediate); the GPU rounds to nearest and is held to 1e-2
+    tol = 1.5e-2 if dtype == torch.bfloat16 and backend == "triton" and DEV == "cpu" else 1e-2
+    assert max_rel(y, expected) <= tol, (fmt, max_rel(y, expected))
     return y
 
 
