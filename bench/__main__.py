@@ -13,7 +13,7 @@ import torch
 from .harness import collect_meta, format_table, write_results
 from .shapes import REPO, select_shapes
 
-SUITES = ("main", "routing", "permute", "gemm", "moe", "lora", "ep", "tune")
+SUITES = ("main", "routing", "permute", "gemm", "moe", "lora", "ep", "load", "tune")
 
 
 def _csv_list(text: str) -> list[str]:
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", metavar="DIR",
                    help="folder for the CSV and JSON results (default: bench/results)")
     p.set_defaults(func=cmd_ep)
+    p = sub.add_parser("load", help="load per expert and routing entropy over a run (MoE.run_stats); writes a PNG plot")
+    _common(p, models="mixtral-8x7b, deepseek-v3, qwen3-30b-a3b (quick: 2 of them)", tokens="256 per batch",
+            quick="2 models, 4 batches")
+    p.set_defaults(func=cmd_load)
     p = sub.add_parser("tune", help="tile configs of the Triton grouped GEMM for the model shapes on this GPU (writes JSON)")
     p.add_argument("--models", type=_csv_list, default=None, metavar="A,B", help="model names (default: all)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="default: triton_kernels/configs")
@@ -217,6 +221,20 @@ def cmd_ep(args: argparse.Namespace) -> int:
     table = {**TABLE, "extra": (*TABLE["extra"], ("err", "err_vs_ref", ".1e", ""))}
     return _run_suite(args, "ep", "cpu", source, lambda: run_ep(args), "; gloo over 127.0.0.1, one thread per rank",
                       table=table)
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from .load import TABLE, plot, run_load, select_load
+
+    device = _device(args.device)
+    try:
+        configs, source = select_load(args.models, args.quick)
+    except ValueError as exc:  # unknown model names
+        sys.exit(f"bench: {exc}")
+    _threads(args, device)
+    T = (args.tokens or [256])[0]
+    return _run_suite(args, "load", device, source, lambda: run_load(configs, device, args.quick, T=T), table=TABLE,
+                      after=lambda rows, csv_path: plot(rows, csv_path.with_suffix(".png")))
 
 
 def cmd_lora(args: argparse.Namespace) -> int:

@@ -8,6 +8,12 @@ over ranks; padding included on the capacity path; the backward moves as much ag
 over the time of a call, the slowest rank's per repetition, median over repetitions. ``err_vs_ref``:
 relative error of ``combine(dispatch(x))`` against ``x * sum_j w[:, j]`` (0 up to rounding).
 
+``ep.experts.fwd+bwd`` rows run ``ExpertParallel.experts`` (expert GEMMs at ``I = BENCH_I``) with and without
+FasterMoE shadowing of the ``SHADOW`` most loaded experts and the 2-chunk pipeline, on uniform and skewed (Zipf)
+routing; their ``MB sent`` is what one rank sends off-rank with and without shadowing, the shadowed experts'
+weights (forward) and gradients (backward) counted at the model's real expert size; ``err_vs_ref`` is against
+the plain path.
+
 Each rank runs one thread; with more ranks than cores (4 ranks on a 2-core machine) they share cores and
 the timings include that. Gloo on loopback measures the software path (copies through the TCP stack),
 not an interconnect: see ``docs/expert_parallel.md`` for H200-class links.
@@ -37,7 +43,9 @@ EP_MODELS = ("mixtral-8x7b", "deepseek-v3")
 TOKENS = {True: (64,), False: (64, 256)}  # keyed by quick
 WORLDS = (2, 4)
 PATHS = ("exact", "capacity")
-OPS = ("ep.dispatch", "ep.combine", "ep.dispatch+combine.fwd+bwd")
+OPS = ("ep.dispatch", "ep.combine", "ep.dispatch+combine.fwd+bwd", "ep.experts.fwd+bwd")
+BENCH_I = 16  # expert width of the ep.experts rows (their weight bytes are reported at the model's I)
+SHADOW = 2  # experts shadowed by the FasterMoE rows
 TABLE = {"ratios": {}, "extra": (("world", "world", "d", ""), ("MB sent", "mb_sent", ".3g", "")), "err_note": None}
 JOIN_TIMEOUT_S = 600
 
@@ -109,10 +117,66 @@ def _worker(rank: int, world: int, port: int, configs: list[dict], quick: bool, 
                 ms = _timed(fn, budget)
                 moved = bytes_sent * (2 if op.startswith("ep.dispatch+") else 1) * (2 if op.endswith("bwd") else 1)
                 results.append({**c, "world": world, "path": path, "op": op, "ms": ms, "bytes": moved, "err": err})
+        results += _experts_rows(c, world, rank, x, ids, w, grad, budget, quick)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
     dist.destroy_process_group()
+
+
+def _skewed_ids(T: int, E: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """Distinct experts per token drawn with Zipf(1) popularity over a fixed random order of the experts (the
+    same hot experts on every rank, as with real text): a few experts take most of the slots."""
+    order = torch.randperm(E, generator=torch.Generator().manual_seed(7))
+    p = torch.empty(E).scatter_(0, order, 1.0 / torch.arange(1, E + 1, dtype=torch.float32))
+    return torch.multinomial(p.expand(T, E), k, replacement=False, generator=g).to(torch.int32)
+
+
+def _experts_rows(c: dict, world: int, rank: int, x, ids, w, grad, budget: float, quick: bool) -> list[dict]:
+    """``ExpertParallel.experts`` forward+backward: plain, FasterMoE shadowing, chunked pipeline, both; uniform and
+    skewed routing (quick: plain and shadowing only). Bytes: what one rank sends off-rank in the forward and backward
+    (rows, plus shadowed weights and their gradients at the model's expert size), mean over ranks; the throughput
+    is that of the bytes really moved (weights at ``BENCH_I``)."""
+    import torch.distributed as dist
+
+    from moe_kernels.distributed import ExpertParallel
+
+    T, H, E, k, I = c["T"], c["H"], c["E"], c["k"], c["I"]
+    El = E // world
+    g = torch.Generator().manual_seed(5000 * world + rank)
+    w13 = (torch.randn(El, 2 * BENCH_I, H, generator=g) / H**0.5).requires_grad_()
+    w2 = (torch.randn(El, H, BENCH_I, generator=g) / BENCH_I**0.5).requires_grad_()
+    per_expert_bench, per_expert_real = 3 * H * BENCH_I, 3 * H * I
+    variants = (("plain", {}), (f"shadow{SHADOW}", {"shadow": SHADOW}), ("chunks2", {"chunks": 2}),
+                (f"shadow{SHADOW}+chunks2", {"shadow": SHADOW, "chunks": 2}))[: 2 if quick else None]
+    rows = []
+    for routing, rids in (("uniform", ids), ("skewed", _skewed_ids(T, E, k, g))):
+        xg = x.clone().requires_grad_()
+        ref = None
+        for name, opts in variants:
+            ep = ExpertParallel(None, E, **opts)
+
+            def run():
+                out = ep.experts(xg, w13, w2, w, rids)
+                out.backward(grad)
+                xg.grad = w13.grad = w2.grad = None
+                return out.detach()
+
+            out = run()
+            ref = out if ref is None else ref
+            t = ep.last_traffic
+            weights = t.weight_elements_sent // per_expert_bench * per_expert_real  # at the model's I
+            mine = torch.tensor([2.0 * (t.rows_off_rank * H + weights) * x.element_size(),
+                                 2.0 * (t.rows_off_rank * H + t.weight_elements_sent) * x.element_size(),
+                                 float((out - ref).norm() / ref.norm().clamp(min=1e-30)), len(t.shadowed)],
+                                dtype=torch.float64)
+            dist.all_reduce(mine, op=dist.ReduceOp.SUM)
+            moved, measured, err = float(mine[0]) / world, float(mine[1]) / world, float(mine[2]) / world
+            shadowed = int(mine[3]) // world
+            ms = _timed(run, budget)
+            rows.append({**c, "world": world, "path": f"{name}/{routing}", "op": "ep.experts.fwd+bwd", "ms": ms,
+                         "bytes": moved, "measured_bytes": measured, "err": err, "shadowed": shadowed})
+    return rows
 
 
 def _free_port() -> int:
@@ -151,8 +215,8 @@ def _configs(args: argparse.Namespace) -> tuple[list[dict], str]:
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; known: {sorted(table)}")
     tokens = getattr(args, "tokens", None) or TOKENS[bool(getattr(args, "quick", False))]
-    configs = [{"model": m, "T": T, "H": int(table[m]["hidden"]), "E": int(table[m]["experts"]), "k": int(table[m]["top_k"])}
-               for m in names for T in tokens]
+    configs = [{"model": m, "T": T, "H": int(table[m]["hidden"]), "E": int(table[m]["experts"]), "k": int(table[m]["top_k"]),
+                "I": int(table[m]["intermediate"])} for m in names for T in tokens]
     return configs, source
 
 
@@ -166,7 +230,10 @@ def run_ep(args: argparse.Namespace) -> tuple[list[dict], dict]:
     quick = bool(getattr(args, "quick", False))
     configs, source = _configs(args)
     worlds = getattr(args, "worlds", None) or WORLDS
-    notes = [f"models from {source}; real hidden sizes, fp32; capacity path: capacity = T * min(k, E/W) (never drops)"]
+    notes = [f"models from {source}; real hidden sizes, fp32; capacity path: capacity = T * min(k, E/W) (never drops)",
+             f"ep.experts: expert GEMMs at I={BENCH_I}, bytes at the model's I (shadowed weights and their gradients "
+             f"included); shadow{SHADOW}: FasterMoE shadowing of the {SHADOW} most loaded experts; chunks2: 2-chunk "
+             "pipeline; skewed: Zipf(1) expert popularity; err: vs the plain path"]
     cores = os.cpu_count() or 1
     if max(worlds) > cores:
         notes.append(f"{max(worlds)} ranks on {cores} cores: ranks share cores, timings include it")
@@ -178,7 +245,7 @@ def run_ep(args: argparse.Namespace) -> tuple[list[dict], dict]:
             notes.append(f"W={world}: skipped {', '.join(sorted(set(bad)))} (E not divisible by W)")
         for r in _run_world(world, [c for c in configs if c["E"] % world == 0], quick):
             p50, p20, p80 = r["ms"]
-            gbps = r["bytes"] / (p50 / 1e3) / 1e9
+            gbps = r.get("measured_bytes", r["bytes"]) / (p50 / 1e3) / 1e9
             rows.append({
                 "op": r["op"], "model": r["model"],
                 "shape": f"{r['model']} W{world} T{r['T']} H{r['H']} E{r['E']} k{r['k']} fp32",
@@ -186,9 +253,10 @@ def run_ep(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 "backend": f"gloo {r['path']}", "kind": "kernel", "world": world, "path": r["path"],
                 "median_ms": sig(p50), "p20_ms": sig(p20), "p80_ms": sig(p80), "flops": 0, "bytes": int(r["bytes"]),
                 "mb_sent": sig(r["bytes"] / 1e6, 4), "tflops": 0.0, "gbps": sig(gbps), "bound": "memory",
-                "frac_ceiling": sig(gbps / ceilings["copy_gbps"]), "err_vs_ref": sig(r["err"]), "note": "",
+                "frac_ceiling": sig(gbps / ceilings["copy_gbps"]), "err_vs_ref": sig(r["err"]),
+                "note": f"{r['shadowed']} shadowed" if "shadowed" in r else "",
             })
-    rows.sort(key=lambda r: (r["model"], r["T"], r["world"], OPS.index(r["op"]), r["path"]))
+    rows.sort(key=lambda r: (r["model"], r["T"], r["world"], OPS.index(r["op"])))  # stable: paths in run order
     facts = {"quick": quick, "backends": ["gloo"], "ceilings": ceilings, "notes": notes, "worlds": list(worlds),
              "configs": configs}
     return rows, facts

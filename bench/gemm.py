@@ -39,12 +39,15 @@ TOKENS = {("cuda", False): (1, 8, 64, 512, 4096, 16384), ("cuda", True): (1, 64,
           ("cpu", False): (1, 64), ("cpu", True): (1, 64)}
 LAYERS = ("gate_up", "down")
 PASSES = ("fwd", "dX", "dW")
-OPS = tuple(f"{layer}.{p}" for layer in LAYERS for p in PASSES)
+FP8 = {"fp8_tensor": {}, "fp8_block": dict(block_shape=(128, 128))}  # FP8 weight rows (forward only)
+OPS = tuple(f"{layer}.{p}" for layer in LAYERS for p in PASSES) + tuple(
+    f"{layer}.fwd.{q}" for layer in LAYERS for q in FP8)
 DECODE_MAX_T, PREFILL_MIN_T = 64, 4096
 GOALS = {"prefill_dense": 0.75, "prefill_vs_grouped_mm": 1.0, "decode_copy": 0.80, "bwd_dense": 0.65}
 INTERP_MAX_T = 1  # triton rows in the interpreter: only at T = 1
 TABLE = {"ratios": MAIN_RATIOS, "err_note": None,
-         "extra": (("err", "err_vs_ref", ".1e", ""), ("dense", "dense_pct", ".1f", "%"), ("w GB/s", "w_gbps", ".4g", ""),
+         "extra": (("err", "err_vs_ref", ".1e", ""), ("dense", "dense_pct", ".1f", "%"), ("vs bf16", "vs_bf16", ".3g", "x"),
+                   ("w GB/s", "w_gbps", ".4g", ""),
                    ("w copy", "w_copy_pct", ".1f", "%"), ("goal", "goal", "s", ""))}
 
 
@@ -78,7 +81,14 @@ def grouped_mm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
 
 
 class Inputs:
-    """The plan of T tokens, and per layer: rows [S, K], weight [E, N, K] and the output gradient [S, N]."""
+    """The plan of T tokens, and per layer: rows [S, K], weight [E, N, K] and the output gradient [S, N]; FP8
+    weights (``quantized``) made on first use."""
+
+    def quantized(self, layer: str, fmt: str) -> mk.QuantizedWeight:
+        key = (layer, fmt)
+        if key not in self.fp8:
+            self.fp8[key] = mk.quantize(self.layers[layer][1], "fp8", **FP8[fmt])
+        return self.fp8[key]
 
     def __init__(self, s: Shape, device: str):
         torch.manual_seed(0)
@@ -88,7 +98,7 @@ class Inputs:
         self.offsets = self.plan.expert_offsets
         self.active = int((self.plan.tokens_per_expert > 0).sum())
         S = s.T * s.k
-        self.layers = {}
+        self.layers, self.fp8 = {}, {}
         for layer, (N, K) in (("gate_up", (s.I2, s.H)), ("down", (s.H, s.I))):
             x = torch.randn(S, K, device=device).to(s.dtype)
             w = (torch.randn(s.E, N, K, device=device) / K**0.5).to(s.dtype)
@@ -112,10 +122,13 @@ class _Grad:
 
 def costs(s: Shape, op: str, active: int) -> tuple[int, int, int]:
     """``(flops, bytes, weight bytes)`` of one op (see the module docstring)."""
-    layer, pas = op.split(".")
+    layer, pas, *fp8 = op.split(".")
     N, K = (s.I2, s.H) if layer == "gate_up" else (s.H, s.I)
     S, es = s.T * s.k, s.dtype.itemsize
     w_read = active * N * K * es
+    if fp8:  # one byte per weight, plus the fp32 scales (per tensor, or per 128 x 128 block)
+        scales = -(-N // 128) * -(-K // 128) if fp8[0] == "fp8_block" else 1
+        w_read = active * (N * K + 4 * scales)
     rows = (S * K + S * N) * es
     if pas == "dW":
         return 2 * S * N * K, rows + s.E * N * K * es, s.E * N * K * es
@@ -125,9 +138,21 @@ def costs(s: Shape, op: str, active: int) -> tuple[int, int, int]:
 def _cases(inp: Inputs, op: str, backends: list[str], device: str) -> list[Case]:
     """Backend rows (the torch reference first), then ``loop`` and ``grouped_mm``."""
     s, plan, offs = inp.s, inp.plan, inp.offsets
-    layer, pas = op.split(".")
+    layer, pas, *fp8 = op.split(".")
     x, w, g = inp.layers[layer]
     flops, nbytes, _ = costs(s, op, inp.active)
+    if fp8:  # FP8 weights, activations quantized in the kernel: every backend, no baselines
+        qw = inp.quantized(layer, fp8[0])
+        cases = []
+        for b in backends:
+            def call(b=b):
+                with torch.no_grad():
+                    return mk.grouped_gemm(x, qw, plan, backend=b)
+            fn, note = call, ""
+            if interpreted(b, device) and s.T > INTERP_MAX_T:
+                fn, note = None, f"skipped: interpreter rows at T <= {INTERP_MAX_T} only"
+            cases.append(Case(op, s, b, fn, flops, nbytes, (), note))
+        return cases
     gmm_why = grouped_mm_reason(s, device)
     cases: list[Case] = []
 
@@ -160,6 +185,8 @@ def _cases(inp: Inputs, op: str, backends: list[str], device: str) -> list[Case]
 
 def _goal(row: dict, device: str) -> str | None:
     if device != "cuda" or row["backend"] in ("torch", "loop", "grouped_mm") or not row["median_ms"]:
+        return None
+    if row["op"].count(".") == 2:  # fp8 rows: the issue's goals are against bf16 and the fp8 matmul peak
         return None
     pas, T, dense = row["op"].split(".")[1], row["T"], row["dense_pct"] / 100
     if pas == "fwd" and T >= PREFILL_MIN_T:
@@ -210,6 +237,14 @@ def run_gemm(shapes: list[Shape], device: str, quick: bool, notes: list[str]) ->
             fill_ratios(group, MAIN_RATIOS)
             for row in group:
                 row["goal"] = _goal(row, device)
+            for row in group:
+                row["vs_bf16"] = None
+            if op.count(".") == 2:  # fp8 beside bf16: speedup over the same backend's bf16 forward
+                bf16 = {r["backend"]: r["median_ms"] for r in rows if r["op"] == op.rsplit(".", 1)[0]
+                        and r["shape"] == s.label and r["T"] == s.T}
+                for row in group:
+                    base = bf16.get(row["backend"])
+                    row["vs_bf16"] = sig(base / row["median_ms"], 3) if base and row["median_ms"] else None
             rows += group
             del ref
             progress.update(f"{s.model} T{s.T} {op}")
@@ -220,6 +255,9 @@ def run_gemm(shapes: list[Shape], device: str, quick: bool, notes: list[str]) ->
                      "bytes; dX/dW >= 65% dense) are checked on the GPU only")
     notes.append("err_vs_ref: relative error of the output (fwd), dX or dW against backend=torch; dense = TFLOP/s / "
                  "dense matmul ceiling; w GB/s, w copy (T <= 64): weight bytes of the experts with rows / time")
+    notes.append("*.fwd.fp8_tensor / *.fwd.fp8_block: FP8 weights (per tensor / 128x128 blocks, one byte per weight "
+                 "plus scales in the bytes), activations quantized dynamically; err_vs_ref against the torch FP8 "
+                 "reference; vs_bf16: the same backend's bf16 forward time over this row's")
     facts = {
         "quick": quick, "backends": backends, "ceilings": ceilings, "notes": notes, "goals": GOALS,
         "backend_status": {n: i.reason for n, i in mk.backends().items()},

@@ -2,7 +2,7 @@
 ``moe`` suite's baselines: a block of the model's family built from a config of the benchmark size, on the
 meta device, then given the MoE's own parameter tensors (no copy; gpt-oss stores its experts transposed and
 with gate/up interleaved, so it gets converted copies). The experts implementation (``eager``,
-``grouped_mm``) is chosen per call through ``config._experts_implementation``, as transformers 5.x's
+``grouped_mm``, and ours, ``moe_kernels``) is chosen per call through ``config._experts_implementation``, as transformers 5.x's
 ``@use_experts_implementation`` experts classes read it at every forward.
 """
 
@@ -15,7 +15,7 @@ import moe_kernels as mk
 
 from .shapes import Shape
 
-IMPLEMENTATIONS = ("eager", "grouped_mm")
+IMPLEMENTATIONS = ("eager", "grouped_mm", "moe_kernels")
 
 
 def family(model: str) -> str | None:
@@ -51,6 +51,9 @@ def _put(root: nn.Module, name: str, t: torch.Tensor) -> None:
 
 def build(s: Shape, moe: mk.MoE) -> nn.Module:
     """The block of ``s.model``'s family holding ``moe``'s parameters; call ``forward(block, x [T, H], impl)``."""
+    from moe_kernels.integrations.transformers import register
+
+    register()  # the "moe_kernels" experts implementation
     fam, c = family(s.model), s.cfg
     common = dict(hidden_size=s.H, num_experts_per_tok=s.k)
     with torch.device("meta"):

@@ -39,15 +39,17 @@ MOE_MODELS = ("mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "gpt-oss-120b")
 QUICK_MODELS = ("mixtral-8x7b", "deepseek-v3", "gpt-oss-120b")
 TOKENS = {("cuda", False): (1, 16, 256, 4096, 16384), ("cuda", True): (1, 256, 4096),
           ("cpu", False): (1, 16, 256), ("cpu", True): (1, 256)}
-OPS = ("MoE.fwd", "MoE.fwd+bwd")
-HF_ROWS = {"hf_eager": "eager", "hf_grouped_mm": "grouped_mm"}
+FP8 = {"fp8_tensor": {}, "fp8_block": dict(block_shape=(128, 128))}  # FP8 expert rows (MoE.quantize_; forward)
+OPS = ("MoE.fwd", "MoE.fwd+bwd") + tuple(f"MoE.fwd.{q}" for q in FP8)
+HF_ROWS = {"hf_eager": "eager", "hf_grouped_mm": "grouped_mm", "hf_moe_kernels": "moe_kernels"}
+HF_OURS = "hf_moe_kernels"  # the transformers block on our registered experts implementation: a kernel row
 PREFILL_MIN_T, DECODE_MAX_T = 4096, 16
-GOALS = {"vs_hf_grouped_mm": 1.3, "decode_vs_weight_read": 1.2, "act_vs_unfused": 0.6}
+GOALS = {"vs_hf_grouped_mm": 1.3, "decode_vs_weight_read": 1.2, "act_vs_unfused": 0.6, "cpu_hf_vs_grouped_mm": 1.0}
 INTERP_MAX_T = 1  # triton rows in the interpreter: only at T = 1
 RATIOS = {"vs_ref": "torch", "vs_hf_gmm": "hf_grouped_mm", "vs_hf_eager": "hf_eager", "vs_unfused": "unfused"}
 TABLE = {"ratios": RATIOS, "err_note": None,
          "extra": (("TFLOP/s", "tflops", ".3g", ""), ("err", "err_vs_ref", ".1e", ""), ("peak MB", "peak_mb", "", ""),
-                   ("act MB", "act_mb", "", ""),
+                   ("act MB", "act_mb", "", ""), ("vs bf16", "vs_bf16", ".3g", "x"),
                    ("w read", "vs_weight_read", ".2f", "x"), ("goal", "goal", "s", ""))}
 
 
@@ -105,15 +107,40 @@ class Inputs:
                 self.block = hf_blocks.build(s, self.moe)
             except Exception as exc:  # a transformers version whose classes or configs differ
                 self.hf_why = f"building the transformers block failed ({type(exc).__name__}: {str(exc)[:120]})"
+        self.fp8, self.fp8_saved = {}, self.active * per_expert * (es - 1)  # bytes FP8 experts do not read
         self.leaves = [self.xl, *self.moe.parameters()]
         if self.block is not None:
             seen = {id(t) for t in self.leaves}
             self.leaves += [p for p in self.block.parameters() if id(p) not in seen]
 
 
+def _fp8_cases(inp: Inputs, op: str, backends: list[str], device: str) -> list[tuple[Case, object]]:
+    """The layer with FP8 experts (``MoE.quantize_``), every backend; bytes with one byte per expert weight."""
+    import copy
+
+    s, fmt = inp.s, op.rsplit(".", 1)[1]
+    if fmt not in inp.fp8:
+        inp.fp8[fmt] = copy.deepcopy(inp.moe).quantize_("fp8", **FP8[fmt])
+    m = inp.fp8[fmt]
+    flops, nbytes = costs.COSTS["MoE.fwd"](s)
+    nbytes -= inp.idle_bytes + inp.fp8_saved
+    cases = []
+    for b in backends:
+        def run(b=b):
+            m.backend = b
+            with torch.no_grad():
+                return m(inp.x)
+        skip = interpreted(b, device) and s.T > INTERP_MAX_T
+        note = f"skipped: interpreter rows at T <= {INTERP_MAX_T} only" if skip else ""
+        cases.append((Case(op, s, b, None if skip else run, flops, nbytes, (), note), None))
+    return cases
+
+
 def _cases(inp: Inputs, op: str, backends: list[str], device: str) -> list[tuple[Case, object]]:
     """``(case, post)`` pairs: backend rows (the torch reference first), then the baselines; ``post(out)``
     puts a row's output in the reference's layout."""
+    if op.count(".") == 2:
+        return _fp8_cases(inp, op, backends, device)
     s, m, bwd = inp.s, inp.moe, op.endswith("bwd")
     flops, nbytes = costs.COSTS[op](s)
     if not bwd:
@@ -177,6 +204,10 @@ def _memory(fn, grads) -> tuple[float, float]:
 def _goals(group: list[dict], device: str) -> None:
     unfused_act = next((r["act_mb"] for r in group if r["backend"] == "unfused" and r["median_ms"]), None)
     for r in group:
+        if r["backend"] == HF_OURS and r["median_ms"] and r["vs_hf_gmm"] is not None and device == "cpu":
+            want = GOALS["cpu_hf_vs_grouped_mm"]  # on CPU a switch to our backend must never be slower
+            r["goal"] = goal(r["vs_hf_gmm"] >= want, f"{r['vs_hf_gmm']:.2f}x hf_grouped_mm vs >= {want}x")
+            continue
         if device != "cuda" or r["kind"] != "kernel" or r["backend"] == "torch" or not r["median_ms"]:
             continue
         out, bwd = [], r["op"].endswith("bwd")
@@ -223,11 +254,13 @@ def run_moe(shapes: list[Shape], device: str, quick: bool, notes: list[str]) -> 
                     if row["err_vs_ref"] > (1e-4 if s.dtype == torch.float32 else 3e-2):
                         add_note(row, f"rel err vs ref {row['err_vs_ref']:.1e}"
                                       + (" (HF routes in the layer dtype)" if case.backend.startswith("hf") else ""))
-                row["kind"] = "baseline" if case.backend in HF_ROWS or case.backend == "unfused" else "kernel"
+                row["kind"] = ("baseline" if case.backend in HF_ROWS and case.backend != HF_OURS or case.backend == "unfused"
+                               else "kernel")
                 row["peak_mb"] = row["act_mb"] = "n/a" if device != "cuda" else None
                 if device == "cuda" and row["median_ms"]:
                     row["peak_mb"], row["act_mb"] = _memory(fn, case.grads)
-                w_read_ms = inp.weight_bytes / (ceilings["copy_gbps"] * 1e9) * 1e3
+                w_bytes = inp.weight_bytes - (inp.fp8_saved if op.count(".") == 2 else 0)
+                w_read_ms = w_bytes / (ceilings["copy_gbps"] * 1e9) * 1e3
                 fwd = row["median_ms"] and not op.endswith("bwd")
                 row["vs_weight_read"] = sig(row["median_ms"] / w_read_ms, 4) if fwd else None
                 row["active_experts"] = inp.active
@@ -236,6 +269,11 @@ def run_moe(shapes: list[Shape], device: str, quick: bool, notes: list[str]) -> 
                 del out, fn
             fill_ratios(group, RATIOS)
             _goals(group, device)
+            bf16 = {r["backend"]: r["median_ms"] for r in rows if r["op"] == "MoE.fwd" and r["shape"] == s.label
+                    and r["T"] == s.T}
+            for row in group:  # fp8 rows: the same backend's dense forward time over this row's
+                base = bf16.get(row["backend"]) if op.count(".") == 2 else None
+                row["vs_bf16"] = sig(base / row["median_ms"], 3) if base and row["median_ms"] else None
             rows += group
             del ref
             inp.moe.backend = "torch"
@@ -248,6 +286,9 @@ def run_moe(shapes: list[Shape], device: str, quick: bool, notes: list[str]) -> 
                      "fwd+bwd activation memory <= 60% of unfused) are checked on the GPU only")
     notes.append("w read = row time / (weight bytes needed / copy bandwidth); err_vs_ref vs backend=torch "
                  "(fwd: output; fwd+bwd: grads of x, w13, w2)")
+    notes.append("MoE.fwd.fp8_tensor / .fp8_block: the layer after quantize_('fp8') per tensor / with 128x128 blocks "
+                 "(expert weights one byte each in bytes and w read); err_vs_ref vs the torch FP8 reference; "
+                 "vs_bf16: the same backend's MoE.fwd time over this row's")
     facts = {
         "quick": quick, "backends": backends, "ceilings": ceilings, "notes": notes, "goals": GOALS,
         "backend_status": {n: i.reason for n, i in mk.backends().items()},

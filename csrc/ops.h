@@ -9,15 +9,16 @@
 
 namespace moe_kernels {
 
-// topk_ids [T, k] int32/int64 on CUDA -> counts [E] int32 (ids outside [0, E) not counted).
+// topk_ids [T, k] int8/int16/int32/int64/uint8 on CUDA -> counts [E] int32 (ids outside [0, E) not counted).
 at::Tensor expert_counts_cuda(const at::Tensor& topk_ids, int64_t num_experts);
 
 // logits [T, E] fp32/fp16/bf16 -> (topk_weights [T, k] fp32, topk_ids [T, k] int32); E <= 1024, num_groups <= 32.
 std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
                                                     int64_t top_k, const std::string& scoring, bool renormalize,
-                                                    int64_t num_groups, int64_t topk_groups, double scaling_factor);
+                                                    int64_t num_groups, int64_t topk_groups, double scaling_factor,
+                                                    int64_t group_n);
 
-// topk_ids [T, k] int32/int64 -> (sorted_slots [P], expert_offsets [E+1], tokens_per_expert [E], slot_to_row [T*k]),
+// topk_ids [T, k] int8/int16/int32/int64/uint8 -> (sorted_slots [P], expert_offsets [E+1], tokens_per_expert [E], slot_to_row [T*k]),
 // all int32, P = T*k + E*(block_size-1); E <= 1024. As moe_kernels.reference.plan_routing, with no host sync.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_routing_cuda(const at::Tensor& topk_ids,
                                                                              int64_t num_experts, int64_t block_size,

@@ -15,8 +15,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_routing_cuda(con
   constexpr const char* fn = "plan_routing";
   TORCH_CHECK(topk_ids.is_cuda() && topk_ids.dim() == 2, fn, ": topk_ids must be a 2-D CUDA tensor [T, k], got ",
               topk_ids.sizes(), " on ", topk_ids.device());
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong, fn,
-              ": topk_ids must be int32 or int64, got ", topk_ids.scalar_type());
+  const auto id_type = topk_ids.scalar_type();
+  TORCH_CHECK(id_type == at::kChar || id_type == at::kShort || id_type == at::kInt || id_type == at::kLong ||
+                  id_type == at::kByte,
+              fn, ": topk_ids must be int8, int16, int32, int64 or uint8, got ", id_type);
   TORCH_CHECK(num_experts >= 1 && num_experts <= plan::kMaxExperts, fn, ": the cuda kernel serves 1 <= E <= ",
               plan::kMaxExperts, ", got E=", num_experts);
   TORCH_CHECK(block_size >= 1, fn, ": block_size must be >= 1, got ", block_size);
@@ -31,9 +33,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_routing_cuda(con
   if (expert_map.has_value()) {
     TORCH_CHECK(expert_map->device() == topk_ids.device(), fn, ": expert_map must be on ", topk_ids.device(), ", got ",
                 expert_map->device());
-    TORCH_CHECK(expert_map->dim() == 1 &&
-                    (expert_map->scalar_type() == at::kInt || expert_map->scalar_type() == at::kLong),
-                fn, ": expert_map must be a 1-D int32 or int64 tensor, got ", expert_map->scalar_type(), " of shape ",
+    TORCH_CHECK(expert_map->dim() == 1 && at::isIntegralType(expert_map->scalar_type(), /*includeBool=*/false), fn,
+                ": expert_map must be a 1-D integer tensor, got ", expert_map->scalar_type(), " of shape ",
                 expert_map->sizes());
     map = expert_map->to(at::kLong).contiguous();
   }
@@ -56,7 +57,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_routing_cuda(con
                               sorted_slots.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), tokens.data_ptr<int32_t>(),
                               slot_to_row.data_ptr<int32_t>(), stream);
   };
-  const cudaError_t err = ids.scalar_type() == at::kInt ? run(ids.data_ptr<int32_t>()) : run(ids.data_ptr<int64_t>());
+  cudaError_t err;
+  switch (id_type) {
+    case at::kChar: err = run(ids.data_ptr<int8_t>()); break;
+    case at::kShort: err = run(ids.data_ptr<int16_t>()); break;
+    case at::kInt: err = run(ids.data_ptr<int32_t>()); break;
+    case at::kByte: err = run(ids.data_ptr<uint8_t>()); break;
+    default: err = run(ids.data_ptr<int64_t>()); break;
+  }
   TORCH_CHECK(err == cudaSuccess, fn, ": CUDA error ", cudaGetErrorString(err));
   return {sorted_slots, offsets, tokens, slot_to_row};
 }

@@ -10,7 +10,8 @@ namespace moe_kernels {
 
 std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
                                                     int64_t top_k, const std::string& scoring, bool renormalize,
-                                                    int64_t num_groups, int64_t topk_groups, double scaling_factor) {
+                                                    int64_t num_groups, int64_t topk_groups, double scaling_factor,
+                                                    int64_t group_n) {
   TORCH_CHECK(logits.is_cuda() && logits.dim() == 2, "topk_gating: logits must be a 2-D CUDA tensor [T, E], got ",
               logits.sizes(), " on ", logits.device());
   const int64_t T = logits.size(0), E = logits.size(1);
@@ -20,8 +21,10 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits, co
               "topk_gating: num_groups must divide E and be at most 32 for the cuda kernel, got ", num_groups);
   TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_groups && topk_groups * (E / num_groups) >= top_k,
               "topk_gating: topk_groups must be in [1, num_groups] and hold top_k experts, got ", topk_groups);
-  TORCH_CHECK(scoring == "softmax" || scoring == "sigmoid", "topk_gating: scoring must be softmax or sigmoid, got ",
-              scoring);
+  TORCH_CHECK(scoring == "softmax" || scoring == "sigmoid" || scoring == "sqrtsoftplus",
+              "topk_gating: scoring must be softmax, sigmoid or sqrtsoftplus, got ", scoring);
+  TORCH_CHECK(group_n >= 1 && (num_groups == 1 || group_n <= E / num_groups),
+              "topk_gating: group_n must be in [1, E/num_groups], got ", group_n);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor bias_f;
   if (bias.has_value()) {
@@ -38,9 +41,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits, co
                    static_cast<int>(top_k),
                    static_cast<int>(num_groups),
                    static_cast<int>(topk_groups),
-                   scoring == "softmax",
+                   scoring == "softmax" ? gating::kSoftmax : scoring == "sigmoid" ? gating::kSigmoid : gating::kSqrtSoftplus,
                    renormalize,
-                   bias.has_value() && E / num_groups >= 2,
+                   static_cast<int>(group_n),
                    static_cast<float>(scaling_factor)};
   const float* bias_ptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -7,13 +7,14 @@
 #include "ops.h"
 
 TORCH_LIBRARY_FRAGMENT(moe_kernels, m) {
-  // Slots per expert: topk_ids [T, k] int32/int64 -> [E] int32; ids outside [0, E) are not counted.
+  // Slots per expert: topk_ids [T, k] (int8/int16/int32/int64/uint8) -> [E] int32; ids outside [0, E) are not counted.
   m.def("expert_counts_cuda(Tensor topk_ids, int num_experts) -> Tensor");
-  // Top-k gating, one warp per token: logits [T, E] (E <= 1024) -> (weights [T, k] fp32, ids [T, k] int32).
+  // Top-k gating, one warp per token: logits [T, E] (E <= 1024) -> (weights [T, k] fp32, ids [T, k] int32);
+  // scoring softmax | sigmoid | sqrtsoftplus; a group's score sums its group_n best selection scores.
   m.def(
       "topk_gating_cuda(Tensor logits, Tensor? correction_bias, int top_k, str scoring, bool renormalize, "
-      "int num_groups, int topk_groups, float scaling_factor) -> (Tensor, Tensor)");
-  // Routing plan, a stable counting sort by expert (E <= 1024, no host sync): topk_ids [T, k] int32/int64 ->
+      "int num_groups, int topk_groups, float scaling_factor, int group_n) -> (Tensor, Tensor)");
+  // Routing plan, a stable counting sort by expert (E <= 1024, no host sync): topk_ids [T, k] (any int dtype) ->
   // (sorted_slots [P], expert_offsets [E+1], tokens_per_expert [E], slot_to_row [T*k]), all int32.
   m.def(
       "plan_routing_cuda(Tensor topk_ids, int num_experts, int block_size, int? capacity, Tensor? expert_map) -> "

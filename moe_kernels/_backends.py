@@ -62,6 +62,20 @@ def _cuda_status() -> tuple[bool, str]:
     return True, f"moe_kernels._C on {torch.cuda.get_device_name()}"
 
 
+def _recording_launches() -> bool:
+    try:
+        from .triton_kernels._launch import recording
+    except Exception:  # triton missing
+        return False
+    return recording()
+
+
+def _triton_loaded() -> bool:
+    from . import _triton
+
+    return _triton.IMPORT_ERROR is None
+
+
 def backends() -> Dict[str, BackendInfo]:
     """Report every backend as available or not, with the reason.
 
@@ -98,11 +112,13 @@ def _refusal(op: str, backend: str, device: torch.device, args, kwargs) -> str |
         return f"backend {backend!r} has no implementation of {op}"
     if backend == "triton":
         ok, why = _triton_status()
+        if device.type == "meta" and _recording_launches():  # the compile check: launches recorded, not run
+            ok = ok or _triton_loaded()
         if not ok:
             return why
         if device.type == "cpu" and not interpreter_mode():
             return "triton kernels need a GPU tensor (or TRITON_INTERPRET=1 for CPU tensors)"
-        if device.type not in ("cpu", "cuda"):
+        if device.type not in ("cpu", "cuda") and not (device.type == "meta" and _recording_launches()):
             return f"triton kernels do not run on {device.type} tensors"
     if backend == "cuda":
         ok, why = _cuda_status()

@@ -5,7 +5,15 @@ with a message that names the function, the argument and what was expected.
 
 Checks that need the *values* of a tensor (ids in range, ...) would force a host synchronisation on
 a GPU, so they run only where they are free (CPU tensors) or where the caller asked for them with
-``MOE_KERNELS_CHECK_VALUES=1``; never while torch.compile traces.
+``MOE_KERNELS_CHECK_VALUES=1``; never while torch.compile traces or a CUDA graph is captured.
+
+Expert ids outside ``[0, E)`` are not errors: every backend drops those slots (vLLM's and Hugging
+Face's expert-parallel sentinels, ``-1``, global ids an ``expert_map`` does not cover), so expert ids
+are value-checked only in the strict mode ``MOE_KERNELS_CHECK_VALUES=1`` (:func:`check_expert_ids`).
+
+Sizes may be symbolic under torch.compile (dynamic or data-dependent token counts): shape checks
+raise where the answer is known and otherwise leave a runtime assertion (``torch._check``), never a
+guard on a data-dependent size.
 """
 
 from __future__ import annotations
@@ -17,6 +25,34 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)  # expert ids (MegaBlocks: int16)
+
+
+def known_true(cond) -> bool:
+    """``cond`` (a bool or a symbolic bool) is certainly true; False where tracing cannot tell."""
+    if isinstance(cond, bool):
+        return cond
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    return guard_or_false(cond)
+
+
+def check_size(fn: str, name: str, value, *, lo: int, what: str = "") -> None:
+    """A (possibly symbolic) size ``>= lo``: ValueError where known, a runtime assertion otherwise."""
+    if known_true(value < lo):
+        raise ValueError(f"{fn}: {name} must be >= {lo}{what}, got {value}")
+    if not isinstance(value, int):  # symbolic: checked when the graph runs
+        check_symbolic(value >= lo, f"{fn}: {name} must be >= {lo}{what}")
+
+
+def check_symbolic(cond, message: str) -> None:
+    """A runtime assertion on a (symbolic) condition; ``message`` a plain string (torch.compile
+    records it with the graph)."""
+    if isinstance(cond, bool):
+        if not cond:
+            raise ValueError(message)
+        return
+    torch._check(cond, lambda: message)
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -43,10 +79,17 @@ def check_tensor(
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{fn}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
     if shape is not None:
-        if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+
+        def msg():
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             what = f" {layout}" if layout else ""
-            raise ValueError(f"{fn}: {name} must have shape {want}{what}, got {_shape(t)}")
+            return f"{fn}: {name} must have shape {want}{what}, got {_shape(t)}"
+
+        if len(shape) != t.dim() or any(s is not None and known_true(s != d) for s, d in zip(shape, t.shape)):
+            raise ValueError(msg())
+        for s, d in zip(shape, t.shape):
+            if s is not None and not isinstance(s == d, bool):  # symbolic: checked when the graph runs
+                check_symbolic(s == d, f"{fn}: {name} must have shape {layout or 'as documented'}")
     return t
 
 
@@ -81,6 +124,8 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
     """True where a check of tensor values costs no host synchronisation (or was asked for)."""
     if torch.compiler.is_compiling():
         return False
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a sync would break the capture
+        return False
     if t.device.type == "cpu" or t.device.type == "meta":
         return t.device.type == "cpu"
     return os.environ.get("MOE_KERNELS_CHECK_VALUES", "0") == "1"
@@ -96,3 +141,23 @@ def check_ids_in_range(fn: str, name: str, ids: torch.Tensor, num_experts: int, 
         idx = tuple(int(i) for i in bad.nonzero()[0])
         allowed = f"[0, {num_experts}) or -1" if allow_minus_one else f"[0, {num_experts})"
         raise ValueError(f"{fn}: {name} must hold values in {allowed}; found {int(ids[idx])} at index {idx}")
+
+
+def strict_values() -> bool:
+    """``MOE_KERNELS_CHECK_VALUES=1``: out-of-range expert ids raise instead of being dropped."""
+    return os.environ.get("MOE_KERNELS_CHECK_VALUES", "0") == "1"
+
+
+def check_expert_ids(fn: str, name: str, ids: torch.Tensor, num_experts: int) -> None:
+    """Expert ids outside ``[0, num_experts)`` are dropped slots on every backend; only the strict
+    mode rejects them (ids in ``[0, num_experts)`` or -1), at the cost of a host synchronisation on a GPU."""
+    if torch.compiler.is_compiling() or not strict_values():
+        return
+    check_ids_in_range(fn, name, ids, num_experts)
+
+
+def check_top_k(fn: str, name: str, ids: torch.Tensor) -> int:
+    """The width k of ids ``[T, k]``: at least 1 (a token routed to no slot has ids of -1, not k = 0)."""
+    k = ids.shape[1]
+    check_size(fn, f"{name}.shape[1] (k)", k, lo=1, what=" (give dropped slots the id -1)")
+    return k

@@ -8,12 +8,30 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends, ops
+from . import _backends, _checks, ops
+from .batch_invariance import is_batch_invariant
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.moe_kernels.*_cuda)
 except ImportError:
     _C = None
+
+MAX_COUNT_EXPERTS = 12288  # the CUDA histogram keeps E int32 counters in 48 KB of shared memory
+
+
+def _counts_supports(topk_ids, num_experts=None, *args, **kwargs):
+    if num_experts is not None and num_experts > MAX_COUNT_EXPERTS:
+        return f"the cuda histogram serves E <= {MAX_COUNT_EXPERTS}, got {num_experts}"
+    return None
+
+
+def gating_backward_op():
+    """The backward of the CUDA gating op, chosen when it runs (not at import, when the Triton op may not
+    be registered yet): the Triton kernel where the triton backend is available, else the reference op."""
+    if hasattr(torch.ops.moe_kernels, "topk_gating_backward_triton") and _backends.backends()["triton"].available:
+        return torch.ops.moe_kernels.topk_gating_backward_triton.default
+    return torch.ops.moe_kernels.topk_gating_backward.default
+
 
 if _C is not None:
 
@@ -21,23 +39,14 @@ if _C is not None:
     def _(topk_ids, num_experts):
         return topk_ids.new_empty(num_experts, dtype=torch.int32)
 
-    def _counts_supports(topk_ids, *args, **kwargs):
-        return None
-
     _backends.register("expert_counts", "cuda", _counts_supports)(torch.ops.moe_kernels.expert_counts_cuda.default)
 
     @torch.library.register_fake("moe_kernels::topk_gating_cuda")
-    def _(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor):
+    def _(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, group_n):
         T = logits.shape[0]
         return logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, dtype=torch.int32)
 
-    def _gating_backward_op():
-        """The fastest available backward: the Triton kernel, else the reference op."""
-        if hasattr(torch.ops.moe_kernels, "topk_gating_backward_triton") and _backends.backends()["triton"].available:
-            return torch.ops.moe_kernels.topk_gating_backward_triton.default
-        return torch.ops.moe_kernels.topk_gating_backward.default
-
-    _bwd, _setup = ops.gating_autograd(_gating_backward_op())
+    _bwd, _setup = ops.gating_autograd(lambda *args: gating_backward_op()(*args))
     torch.library.register_autograd("moe_kernels::topk_gating_cuda", _bwd, setup_context=_setup)
     _GATING = torch.ops.moe_kernels.topk_gating_cuda.default
 
@@ -53,8 +62,9 @@ if _C is not None:
         return None
 
     @_backends.register("topk_gating", "cuda", _gating_supports)
-    def _topk_gating_cuda(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling, with_stats):
-        w, ids = _GATING(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling)
+    def _topk_gating_cuda(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling, with_stats,
+                          group_n):
+        w, ids = _GATING(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling, group_n)
         return w, ids, ids.new_empty(0), w.new_empty(0)
 
     # ----- routing plan, permute, unpermute, slot dots -----------------------------------------------
@@ -99,14 +109,18 @@ if _C is not None:
 
     def _decode_supports(hidden, w13, w2, *args, **kwargs):
         """The decode path: inference, few rows per expert, K-contiguous weights."""
+        if is_batch_invariant():  # one kernel (and config) for every batch size: the triton kernel
+            return "batch-invariant mode: the triton kernel serves every batch size"
         if hidden.dtype == torch.float64:
             return "float64 inputs are served by the torch backend only"
+        if kwargs.get("gate_up_interleaved"):
+            return "the cuda decode kernel reads gate rows then up rows (not interleaved)"
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, w13, w2) + args):
             return "the cuda decode path is inference-only (training runs the triton or torch backend)"
         E, k = w13.shape[0], args[1].shape[1]
         if E > 1024:
             return f"the cuda plan kernel serves E <= 1024, got {E}"
-        if hidden.shape[0] * k > DECODE_ROWS_PER_EXPERT * E:
+        if not _checks.known_true(hidden.shape[0] * k <= DECODE_ROWS_PER_EXPERT * E):  # unknown (traced): not decode
             return f"more than {DECODE_ROWS_PER_EXPERT} rows per expert on average: not a decode batch"
         vec = 16 // hidden.element_size()
         if hidden.shape[1] % vec or w2.shape[2] % vec or w13.stride(2) != 1 or w2.stride(2) != 1:
@@ -115,7 +129,7 @@ if _C is not None:
 
     @_backends.register("fused_moe", "cuda", _decode_supports)
     def _fused_moe_decode(hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
-                          apply_router_weight_on_input, capacity, expert_map):
+                          apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved=False):
         """plan -> small GEMM (gather, activation) -> small GEMM (weights, scatter to slots) -> sum over k."""
         k, on_input = topk_ids.shape[1], apply_router_weight_on_input
         slots, offsets, _, slot_to_row = _PLAN(topk_ids, w13.shape[0], 1, capacity, expert_map)

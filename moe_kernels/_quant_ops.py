@@ -197,7 +197,8 @@ def grouped_gemm(x_sorted, w: QuantizedWeight, plan_or_offsets, *, bias=None, we
 
 
 def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13_bias, w2_bias,
-              apply_router_weight_on_input, capacity, expert_map, a13_scale, a2_scale, backend) -> Tensor:
+              apply_router_weight_on_input, capacity, expert_map, a13_scale, a2_scale, backend, drop_policy="gshard",
+              gate_up_interleaved=False) -> Tensor:
     """``moe_kernels.fused_moe`` with QuantizedWeight experts (see there); checks as for dense weights."""
     fn = "fused_moe"
     if isinstance(w13, QuantizedWeight) and w13.fmt in INT_FORMATS:
@@ -221,8 +222,11 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13
         raise ValueError(f"{fn}: w2 must have the E={E} experts of w13, got dense shape {list(w2.shape)}")
     if w2.fmt != w13.fmt:
         raise ValueError(f"{fn}: w13 and w2 must share a format, got {w13.fmt!r} and {w2.fmt!r}")
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(T, None), layout="[T, k]")
-    k = topk_ids.shape[1]
+    if gate_up_interleaved and gated:
+        raise ValueError(f"{fn}: gate_up_interleaved is not supported for a QuantizedWeight w13; quantize the weight "
+                         "with gate rows first, then up rows")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(T, None), layout="[T, k]")
+    k = _checks.check_top_k(fn, "topk_ids", topk_ids)
     _checks.check_tensor(fn, "topk_weights", topk_weights, dtypes=f, shape=(T, k), layout="[T, k]")
     if w13_bias is not None:
         _checks.check_tensor(fn, "w13_bias", w13_bias, dtypes=f, shape=(E, I2), layout="[E, 2I]")
@@ -230,14 +234,20 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13
         _checks.check_tensor(fn, "w2_bias", w2_bias, dtypes=f, shape=(E, H), layout="[E, H]")
     if capacity is not None:
         _checks.check_int(fn, "capacity", capacity, lo=0)
+    _checks.check_choice(fn, "drop_policy", drop_policy, ref.DROP_POLICIES)
     n_ids = E
     if expert_map is not None:
-        _checks.check_tensor(fn, "expert_map", expert_map, ndim=1, dtypes=_checks.INDEX_DTYPES, layout="[E_global]")
-        _checks.check_ids_in_range(fn, "expert_map", expert_map, E)
+        _checks.check_tensor(fn, "expert_map", expert_map, ndim=1, dtypes=_checks.ID_DTYPES, layout="[E_global]")
+        _checks.check_expert_ids(fn, "expert_map", expert_map, E)
         n_ids = expert_map.shape[0]
     _checks.check_same_device(fn, hidden=hidden, w13=w13.data, w2=w2.data, topk_weights=topk_weights, topk_ids=topk_ids,
                               w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
-    _checks.check_ids_in_range(fn, "topk_ids", topk_ids, n_ids)
+    _checks.check_expert_ids(fn, "topk_ids", topk_ids, n_ids)
+    if capacity is not None and drop_policy != "gshard":  # the over-capacity slots become dropped ids
+        from .routing import _capacity_drop
+
+        topk_ids = _capacity_drop(fn, topk_ids, E, capacity, drop_policy, topk_weights, expert_map, backend)
+        capacity = None
     s13 = _check_act_scale(fn, "a13_scale", a13_scale, hidden.device)
     s2 = _check_act_scale(fn, "a2_scale", a2_scale, hidden.device)
     sc13, bn13, bk13 = w13.scale_blocks()

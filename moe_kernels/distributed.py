@@ -19,7 +19,7 @@ from . import _alloc, _checks
 from .gemm import grouped_gemm
 from .routing import RoutingPlan, permute, plan_routing, unpermute
 
-__all__ = ["EPHandle", "ExpertParallel"]
+__all__ = ["EPHandle", "EPTraffic", "ExpertParallel"]
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group) -> torch.Tensor:
@@ -68,6 +68,23 @@ class EPHandle:
     dropped: torch.Tensor
 
 
+@dataclass(frozen=True)
+class EPTraffic:
+    """What one rank sent in the forward of :meth:`ExpertParallel.experts` (host ints, known without a further sync).
+
+    ``rows_sent``: activation rows sent (to itself included); ``rows_off_rank``: those sent to other ranks;
+    ``weight_elements_sent``: expert weight elements this rank broadcast to the others (shadowing: one copy per
+    receiving rank); ``shadowed``: the global ids of the experts shadowed in that step, most loaded first.
+    Bytes off the rank: ``rows_off_rank * H * activation bytes + weight_elements_sent * weight bytes``; the
+    backward moves the same again (shadowed gradients are reduced to their owners).
+    """
+
+    rows_sent: int
+    rows_off_rank: int
+    weight_elements_sent: int
+    shadowed: tuple[int, ...]
+
+
 def _comm_device(group) -> torch.device:
     """Where this group's collectives want their tensors: the current GPU for NCCL, else the CPU."""
     if "nccl" in str(dist.get_backend(group)).lower():
@@ -96,6 +113,15 @@ class ExpertParallel:
     (``max_tokens``: the most tokens any rank passes) never drops; with distinct experts per token
     ``max_tokens * min(top_k, E/W)`` suffices.
 
+    FasterMoE (He et al., PPoPP 2022; :mod:`moe_kernels.fastermoe`), for :meth:`experts` on the exact path:
+    ``shadow=n`` broadcasts the ``n`` most loaded experts of each step (from the counts exchanged anyway, with one
+    all-gather instead of the counts all-to-all) to every rank, computes every rank's tokens for them locally and
+    sums their weight gradients back to the owner; ``shadow_policy="bytes"`` keeps only those whose rows from
+    other ranks outweigh their weights. ``chunks=c`` pipelines the dispatch all-to-all, the expert GEMMs and the
+    combine all-to-all over ``c`` chunks of tokens with asynchronous collectives. ``last_traffic``
+    (:class:`EPTraffic`) says what the last :meth:`experts` call sent. ``shadow``, ``chunks`` and ``shadow_policy``
+    must be equal on every rank (checked with the same all-gather).
+
     Every rank must call ``dispatch`` and ``combine`` (and their backward) in the same order, as with
     any collective; a rank with no tokens passes ``T = 0`` tensors.
 
@@ -107,7 +133,8 @@ class ExpertParallel:
         >>> out = ep.combine(y, handle)                                    # [T, H]
     """
 
-    def __init__(self, group, num_experts: int, *, capacity: int | None = None, backend: str = "auto"):
+    def __init__(self, group, num_experts: int, *, capacity: int | None = None, shadow: int = 0, chunks: int = 1,
+                 shadow_policy: str = "load", backend: str = "auto"):
         fn = "ExpertParallel"
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError(f"{fn}: torch.distributed is not initialised; call torch.distributed.init_process_group first")
@@ -117,16 +144,31 @@ class ExpertParallel:
         self.device = _comm_device(group)
         # Every rank takes part in the all-gather before any rank may raise, so a bad argument never hangs a
         # peer; -2 stands for an invalid value, -1 for no capacity.
-        ok_e = isinstance(num_experts, int) and not isinstance(num_experts, bool) and num_experts >= 1
-        ok_c = capacity is None or (isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 0)
-        mine = torch.tensor([num_experts if ok_e else -2, (-1 if capacity is None else capacity) if ok_c else -2],
-                            dtype=torch.int64, device=self.device)
+        def is_int(v, lo):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+        ok_e, ok_s, ok_k = is_int(num_experts, 1), is_int(shadow, 0), is_int(chunks, 1)
+        ok_c = capacity is None or is_int(capacity, 0)
+        policies = ("load", "bytes")
+        policy = policies.index(shadow_policy) if shadow_policy in policies else -2
+        mine = torch.tensor([num_experts if ok_e else -2, (-1 if capacity is None else capacity) if ok_c else -2,
+                             shadow if ok_s else -2, chunks if ok_k else -2, policy], dtype=torch.int64, device=self.device)
         everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(everyone, mine, group=group)
         _checks.check_int(fn, "num_experts", num_experts, lo=1)
         if capacity is not None:
             _checks.check_int(fn, "capacity", capacity, lo=0)
-        seen_e, seen_c = torch.stack(everyone).t().tolist()
+        _checks.check_int(fn, "shadow", shadow, lo=0, hi=num_experts)
+        _checks.check_int(fn, "chunks", chunks, lo=1)
+        _checks.check_choice(fn, "shadow_policy", shadow_policy, policies)
+        seen_e, seen_c, seen_s, seen_k, seen_p = torch.stack(everyone).t().tolist()
+        for name, seen in (("shadow", seen_s), ("chunks", seen_k), ("shadow_policy", seen_p)):
+            if len(set(seen)) > 1:
+                raise ValueError(f"{fn}: ranks disagree on {name} (rank i passed the i-th of {seen}, -2: invalid); "
+                                 "every rank must pass the same one")
+        if capacity is not None and (shadow or chunks > 1):
+            raise ValueError(f"{fn}: shadow={shadow} and chunks={chunks} need the exact path (capacity=None), "
+                             f"got capacity={capacity}")
         if len(set(seen_e)) > 1:
             raise ValueError(f"{fn}: ranks disagree on num_experts (rank i passed the i-th of {seen_e}, -2: invalid); "
                              "every rank must pass the same E")
@@ -140,19 +182,25 @@ class ExpertParallel:
         self.num_local_experts = num_experts // self.world_size
         self.first_expert = self.rank * self.num_local_experts
         self.capacity = capacity
+        self.shadow, self.chunks, self.shadow_policy = shadow, chunks, shadow_policy
+        self.last_traffic = None  # EPTraffic of the last experts() call
         self.backend = backend
         local = torch.arange(num_experts, dtype=torch.int32, device=self.device) - self.first_expert
         expert_map = torch.where((local >= 0) & (local < self.num_local_experts), local, -1)  # [E] global -> local
         self._expert_maps = {self.device: expert_map}  # per device: copied once, not on every dispatch
 
     @classmethod
-    def of(cls, group_or_ep, num_experts: int) -> ExpertParallel:
-        """``group_or_ep`` itself when it is an :class:`ExpertParallel` for ``num_experts``, else a new one on that group."""
+    def of(cls, group_or_ep, num_experts: int, *, shadow: int = 0) -> ExpertParallel:
+        """``group_or_ep`` itself when it is an :class:`ExpertParallel` for ``num_experts`` (and ``shadow``, unless 0),
+        else a new one on that group."""
         if isinstance(group_or_ep, cls):
             if group_or_ep.num_experts != num_experts:
                 raise ValueError(f"ExpertParallel: built for num_experts={group_or_ep.num_experts}, used with {num_experts}")
+            if shadow and shadow != group_or_ep.shadow:
+                raise ValueError(f"ExpertParallel: built with shadow={group_or_ep.shadow}, used with shadow={shadow}; "
+                                 "pass shadow to the ExpertParallel")
             return group_or_ep
-        return cls(group_or_ep, num_experts)
+        return cls(group_or_ep, num_experts, shadow=shadow)
 
     def expert_map(self, device: torch.device | None = None) -> torch.Tensor:
         """``[E]`` int32: the local index of each global expert, -1 for experts of other ranks."""
@@ -163,7 +211,8 @@ class ExpertParallel:
 
     def __repr__(self) -> str:
         return (f"ExpertParallel(rank={self.rank}/{self.world_size}, experts=[{self.first_expert}, "
-                f"{self.first_expert + self.num_local_experts}) of {self.num_experts}, capacity={self.capacity})")
+                f"{self.first_expert + self.num_local_experts}) of {self.num_experts}, capacity={self.capacity}, "
+                f"shadow={self.shadow}, chunks={self.chunks})")
 
     def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor | None = None, *,
                  backend: str | None = None):
@@ -187,15 +236,15 @@ class ExpertParallel:
         f = _checks.FLOAT_DTYPES
         _checks.check_tensor(fn, "hidden", hidden, ndim=2, dtypes=f, layout="[T, H]")
         T = hidden.shape[0]
-        _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(T, None), layout="[T, k]")
-        k = topk_ids.shape[1]
+        _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(T, None), layout="[T, k]")
+        k = _checks.check_top_k(fn, "topk_ids", topk_ids)
         if topk_weights is not None:
             _checks.check_tensor(fn, "topk_weights", topk_weights, dtypes=f, shape=(T, k), layout="[T, k]")
         device = _checks.check_same_device(fn, hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights)
         if self.device.type == "cuda" and device.type != "cuda":
             raise ValueError(f"{fn}: the group's backend {dist.get_backend(self.group)} exchanges {self.device.type} "
                              f"tensors, got hidden on {device}")
-        _checks.check_ids_in_range(fn, "topk_ids", topk_ids, self.num_experts)
+        _checks.check_expert_ids(fn, "topk_ids", topk_ids, self.num_experts)
         # Sending order: grouped by global expert, hence by destination rank (stable: token, then slot).
         be = backend or self.backend
         plan = plan_routing(topk_ids, self.num_experts, backend=be)
@@ -233,7 +282,7 @@ class ExpertParallel:
         slots = plan.sorted_slots.index_select(0, src) if plan.num_rows else pos.new_full((W * C,), -1)
         slots = torch.where(valid, slots.to(torch.int64), -1)
         row = plan.slot_to_row.to(torch.int64)  # [T*k]
-        dest = topk_ids.reshape(-1).to(torch.int64).clamp(min=0) // El
+        dest = topk_ids.reshape(-1).to(torch.int64).clamp(0, self.num_experts - 1) // El  # dropped ids: row -1 below
         p_slot = row - base[dest]
         slot_to_row = torch.where((row >= 0) & (p_slot < C), dest * C + p_slot, -1)
         send_plan = RoutingPlan(slots.to(torch.int32), (torch.arange(W + 1, device=device) * C).to(torch.int32),
@@ -306,8 +355,17 @@ class ExpertParallel:
             raise ValueError(f"{fn}: w13 and w2 must hold the {El} local experts of this rank, got shapes "
                              f"{tuple(w13.shape)} and {tuple(w2.shape)}")
         be = backend or self.backend
+        if self.shadow or self.chunks > 1:
+            from .fastermoe import faster_experts
+
+            out, self.last_traffic = faster_experts(self, hidden, w13, w2, topk_weights, topk_ids, activation, gated,
+                                                    w13_bias, w2_bias, be)
+            return out
         rows, handle = self.dispatch(hidden, topk_ids, topk_weights, backend=be)
         h = grouped_gemm(rows, w13, handle.plan, bias=w13_bias, backend=be)
         a = torch.ops.moe_kernels.activation(h, activation, gated)
         y = grouped_gemm(a, w2, handle.plan, bias=w2_bias, backend=be)
+        if handle.send_splits is not None:
+            sent = handle.send_splits
+            self.last_traffic = EPTraffic(sum(sent), sum(sent) - sent[self.rank], 0, ())
         return self.combine(y, handle, backend=be)

@@ -17,13 +17,15 @@ _backends.register("expert_counts", "torch")(_OPS.expert_counts.default)
 _backends.register("expert_choice_gating", "torch")(_OPS.expert_choice_gating.default)
 
 
-def _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor):
-    _checks.check_tensor(_FN, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
-    E = logits.shape[1]
+def _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor, group_score):
+    _checks.check_tensor(_FN, "logits", logits, dtypes=_checks.FLOAT_DTYPES, layout="[..., E]")
+    if logits.dim() < 1:
+        raise ValueError(f"{_FN}: logits must be [..., E] with at least one dim, got a 0-d tensor")
+    E = logits.shape[-1]
     if E < 1:
         raise ValueError(f"{_FN}: logits must have at least one expert column, got shape {tuple(logits.shape)}")
     _checks.check_int(_FN, "top_k", top_k, lo=1, hi=E)
-    _checks.check_choice(_FN, "scoring", scoring, ("softmax", "sigmoid"))
+    _checks.check_choice(_FN, "scoring", scoring, ref.SCORINGS)
     if correction_bias is not None:
         _checks.check_tensor(_FN, "correction_bias", correction_bias, dtypes=_checks.FLOAT_DTYPES, shape=(E,), layout="[E]")
         _checks.check_same_device(_FN, logits=logits, correction_bias=correction_bias)
@@ -36,6 +38,11 @@ def _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_grou
             f"{_FN}: topk_groups * E/num_groups = {topk_groups} * {E // num_groups} must be >= top_k={top_k} "
             "(the chosen groups must hold k experts)"
         )
+    if group_score is not None:
+        _checks.check_choice(_FN, "group_score", group_score, ref.GROUP_SCORES)
+        if group_score == "topk_sum" and top_k < topk_groups:
+            raise ValueError(f'{_FN}: group_score="topk_sum" sums the top top_k // topk_groups scores of a group: '
+                             f"needs top_k >= topk_groups, got top_k={top_k}, topk_groups={topk_groups}")
     if not isinstance(scaling_factor, (int, float)) or isinstance(scaling_factor, bool):
         raise TypeError(f"{_FN}: scaling_factor must be a float, got {type(scaling_factor).__name__}")
 
@@ -49,6 +56,7 @@ def topk_gating(
     correction_bias: torch.Tensor | None = None,
     num_groups: int = 1,
     topk_groups: int = 1,
+    group_score: str | None = None,
     scaling_factor: float = 1.0,
     return_stats: bool = False,
     backend: str = "auto",
@@ -58,18 +66,33 @@ def topk_gating(
     ============== ========== ============ =====================================================
     argument       shape      dtype        meaning
     ============== ========== ============ =====================================================
-    logits         [T, E]     fp32/bf16/   router output
+    logits         [..., E]   fp32/bf16/   router output (any leading dims: ``T`` = their product)
                               fp16/fp64
     correction_bias [E]       float        added to the scores for *selection only* (DeepSeek-V3)
-    topk_weights   [T, k]     fp32 (fp64   unbiased scores of the chosen experts, renormalised
+    topk_weights   [..., k]   fp32 (fp64   unbiased scores of the chosen experts, renormalised
                               for fp64)    if asked, times ``scaling_factor``
-    topk_ids       [T, k]     int32        chosen experts, best first, ties to the lower index
+    topk_ids       [..., k]   int32        chosen experts, best first, ties to the lower index
     ============== ========== ============ =====================================================
 
-    Scores are ``softmax(logits)`` or ``sigmoid(logits)`` in fp32. With ``num_groups > 1`` the experts
-    form equal groups scored by their best score (or the sum of their two best selection scores
-    when a correction bias is given) and only the ``topk_groups`` best groups are eligible.
-    NaN scores rank below every number, so ids are always in ``[0, E)``.
+    Scores, in fp32: ``"softmax"``, ``"sigmoid"`` or ``"sqrtsoftplus"`` (``sqrt(softplus(x))``,
+    DeepSeek-V4; Megatron/TE ``score_function="sqrtsoftplus"``, vLLM ``topk_softplus_sqrt``).
+    ``renormalize``: softmax weights are the softmax of the k selected logits (never 0/0); sigmoid
+    and sqrtsoftplus weights are divided by their sum plus 1e-20 (Megatron/TE, which renormalise only
+    for k > 1: pass ``renormalize=False`` at k = 1 for their result). A renormalised k = 1 weight is
+    exactly 1 and its gradient exactly 0.
+
+    Groups (``num_groups > 1``): the experts form equal groups and only the ``topk_groups`` best
+    groups are eligible. A group's score (``group_score``) is its best selection score (``"max"``,
+    DeepSeek-V2), the sum of its two best (``"top2_sum"``, DeepSeek-V3) or of its
+    ``top_k // topk_groups`` best (``"topk_sum"``, TE/Megatron); ``None`` (default): ``"top2_sum"``
+    with a correction bias, else ``"max"``.
+
+    Non-finite logits always give finite weights and valid, distinct ids: a NaN ranks below every
+    number (-inf included) and weighs 0 (it is left out of the softmax normaliser); +inf ranks above
+    every finite logit: under softmax the +inf experts of a row share the weight equally and the
+    others weigh 0, under sigmoid it scores 1, under sqrtsoftplus ``sqrt(max float)``. A row without a
+    finite or +inf logit gets the lowest ids allowed by the rules above and weights 0. Gradients with
+    respect to non-finite logits are 0.
 
     ``return_stats=True`` returns ``(topk_weights, topk_ids, GatingStats)``, the statistics of the
     load-balancing loss computed in the same pass (pass them to :func:`load_balancing_loss`).
@@ -79,16 +102,22 @@ def topk_gating(
         >>> w, ids = topk_gating(torch.randn(5, 8), 2)
         >>> w.shape, ids.dtype
         (torch.Size([5, 2]), torch.int32)
+        >>> topk_gating(torch.randn(2, 3, 8), 2)[1].shape  # [B, S, E] -> [B, S, k]
+        torch.Size([2, 3, 2])
     """
-    _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor)
-    impl = _backends.select("topk_gating", backend, logits.device, logits, top_k, scoring=scoring,
+    _check_gating(logits, top_k, scoring, correction_bias, num_groups, topk_groups, scaling_factor, group_score)
+    lead, E = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, E)  # [T, E]
+    impl = _backends.select("topk_gating", backend, logits.device, flat, top_k, scoring=scoring,
                             num_groups=num_groups, with_stats=bool(return_stats))
     if correction_bias is not None:
         correction_bias = correction_bias.float() if correction_bias.dtype != torch.float64 else correction_bias
-    w, ids, counts, sums = impl(logits, correction_bias, top_k, scoring, bool(renormalize), num_groups, topk_groups,
-                                float(scaling_factor), bool(return_stats))
+    group_n = ref.group_top_n(group_score, correction_bias is not None, top_k, topk_groups, E // num_groups)
+    w, ids, counts, sums = impl(flat, correction_bias, top_k, scoring, bool(renormalize), num_groups, topk_groups,
+                                float(scaling_factor), bool(return_stats), group_n)
+    w, ids = w.view(*lead, top_k), ids.view(*lead, top_k)
     if return_stats:
-        return w, ids, GatingStats(counts, sums, logits.shape[0], top_k, scoring)
+        return w, ids, GatingStats(counts, sums, flat.shape[0], top_k, scoring)
     return w, ids
 
 
@@ -136,12 +165,14 @@ def expert_choice_gating(
 
 
 def expert_counts(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "auto") -> torch.Tensor:
-    """Slots routed to each expert, ``[E]`` int32; ids of -1 (dropped) are not counted."""
+    """Slots routed to each expert, ``[E]`` int32; ids outside ``[0, E)`` (-1, sentinels: dropped slots)
+    are not counted. ``topk_ids`` [T, k] of any integer dtype."""
     fn = "expert_counts"
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, layout="[T, k]")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, layout="[T, k]")
+    _checks.check_top_k(fn, "topk_ids", topk_ids)
     _checks.check_int(fn, "num_experts", num_experts, lo=1)
-    _checks.check_ids_in_range(fn, "topk_ids", topk_ids, num_experts)
-    return _backends.select(fn, backend, topk_ids.device, topk_ids)(topk_ids, num_experts)
+    _checks.check_expert_ids(fn, "topk_ids", topk_ids, num_experts)
+    return _backends.select(fn, backend, topk_ids.device, topk_ids, num_experts)(topk_ids, num_experts)
 
 
 def load_balancing_loss(
@@ -151,26 +182,32 @@ def load_balancing_loss(
     *,
     scoring: str = "softmax",
     stats: GatingStats | None = None,
+    fraction: str = "routed",
 ) -> torch.Tensor:
     """Switch/GShard auxiliary loss ``E * sum_e f_e * P_e`` (1.0 for perfectly even routing).
 
-    ``f_e`` is the fraction of the routed (token, slot) pairs that went to expert e (pairs dropped
-    with id -1 count in neither numerator nor denominator), ``P_e`` the mean router probability of e (softmax of the logits, or the sigmoid
-    scores normalised per token for ``scoring="sigmoid"``). Differentiable in ``logits``.
+    ``f_e`` is the fraction of the (token, slot) pairs that went to expert e: of the routed pairs with
+    ``fraction="routed"`` (pairs dropped with an id outside ``[0, E)`` count in neither numerator nor
+    denominator), or of all ``k*T`` pairs with ``fraction="all_slots"`` (TransformerEngine's
+    ``fused_moe_aux_loss`` and Megatron's ``switch_load_balancing_loss_func``, there times their coefficient).
+    ``P_e`` is the mean router probability of e (softmax of the logits, or the sigmoid scores normalised
+    per token for ``scoring="sigmoid"``). Differentiable in ``logits``.
     Hugging Face's Mixtral loss is ``top_k`` times this value.
 
     With ``stats`` (from ``topk_gating(..., return_stats=True)``) nothing else is needed: the loss
     comes from the statistics the gating pass already computed, without another pass over the logits.
     """
     fn = "load_balancing_loss"
+    _checks.check_choice(fn, "fraction", fraction, ("routed", "all_slots"))
     if stats is not None:
         if not isinstance(stats, GatingStats):
             raise TypeError(f"{fn}: stats must be a GatingStats (topk_gating(..., return_stats=True)), got {type(stats).__name__}")
-        return _balance_loss(stats.score_sums / max(stats.num_tokens, 1), stats.tokens_per_expert)
+        slots = stats.num_tokens * stats.top_k if fraction == "all_slots" else None
+        return _balance_loss(stats.score_sums / max(stats.num_tokens, 1), stats.tokens_per_expert, slots)
     if logits is None or topk_ids is None or num_experts is None:
         raise ValueError(f"{fn}: give either logits, topk_ids and num_experts, or stats")
     _checks.check_tensor(fn, "logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(logits.shape[0], None), layout="[T, k]")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(logits.shape[0], None), layout="[T, k]")
     _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
     _checks.check_same_device(fn, logits=logits, topk_ids=topk_ids)
     if logits.shape[1] != num_experts:
@@ -179,13 +216,75 @@ def load_balancing_loss(
     x = logits.to(ref.acc_dtype(logits.dtype))
     s = torch.softmax(x, -1) if scoring == "softmax" else torch.sigmoid(x)
     p = ref.balance_scores(s, scoring).sum(0) / max(T, 1)
-    return _balance_loss(p, expert_counts(topk_ids, num_experts))
+    return _balance_loss(p, expert_counts(topk_ids, num_experts), T * k if fraction == "all_slots" else None)
 
 
-def _balance_loss(p: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """``E * sum_e f_e * p_e`` with ``f`` the share of the routed (not dropped) pairs (no host sync)."""
+def _balance_loss(p: torch.Tensor, counts: torch.Tensor, num_slots=None) -> torch.Tensor:
+    """``E * sum_e f_e * p_e`` with ``f`` the share of the routed (not dropped) pairs, or of ``num_slots``
+    pairs when given (no host sync)."""
     c = counts.to(p.dtype)
-    return p.shape[0] * (c / c.sum().clamp(min=1) * p).sum()
+    denom = c.sum().clamp(min=1) if num_slots is None else max(num_slots, 1)
+    return p.shape[0] * (c / denom * p).sum()
+
+
+def seq_aux_loss(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int | None = None,
+    *,
+    seq_len: int | None = None,
+    scoring: str = "sigmoid",
+) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (without its coefficient alpha).
+
+    Per sequence of ``S`` tokens, ``L = sum_e f_e * P_e`` with ``f_e = E / (k*S) * #{t : e in topk(t)}`` and
+    ``P_e = 1/S * sum_t s'_{t,e}``, ``s'`` the scores normalised per token (sigmoid scores divided by their
+    sum; softmax scores as they are); the result is the mean of ``L`` over the ``B`` sequences (1.0 for
+    perfectly even routing within every sequence). Ids outside ``[0, E)`` are not counted.
+
+    ========== ============================= ==============================================
+    argument   shape                         meaning
+    ========== ============================= ==============================================
+    logits     [B, S, E] (or [B*S, E])       router output; give ``seq_len=S`` for 2-D inputs
+    topk_ids   [B, S, k] (or [B*S, k])       the chosen experts (any integer dtype)
+    out        []                            fp32 (fp64 for fp64 logits), differentiable in logits
+    ========== ============================= ==============================================
+
+    Example::
+
+        >>> loss = 1e-4 * seq_aux_loss(logits.view(B, S, E), ids.view(B, S, k))
+    """
+    fn = "seq_aux_loss"
+    _checks.check_tensor(fn, "logits", logits, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_choice(fn, "scoring", scoring, ("softmax", "sigmoid"))
+    if logits.dim() == 2:
+        if seq_len is None:
+            raise ValueError(f"{fn}: 2-D logits [B*S, E] need seq_len=S (or give logits [B, S, E])")
+        _checks.check_int(fn, "seq_len", seq_len, lo=1)
+        if logits.shape[0] % seq_len:
+            raise ValueError(f"{fn}: logits has {logits.shape[0]} tokens, not a multiple of seq_len={seq_len}")
+        logits = logits.view(-1, seq_len, logits.shape[1])
+        if topk_ids.dim() == 2:
+            _checks.check_tensor(fn, "topk_ids", topk_ids, dtypes=_checks.ID_DTYPES, shape=(logits.shape[0] * seq_len, None),
+                                 layout="[B*S, k]")
+            topk_ids = topk_ids.view(logits.shape[0], seq_len, -1)
+    elif logits.dim() != 3:
+        raise ValueError(f"{fn}: logits must be [B, S, E] or [B*S, E], got shape {tuple(logits.shape)}")
+    B, S, E = logits.shape
+    if num_experts is not None and num_experts != E:
+        raise ValueError(f"{fn}: logits must have num_experts={num_experts} columns, got shape {tuple(logits.shape)}")
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=3, dtypes=_checks.ID_DTYPES, shape=(B, S, None), layout="[B, S, k]")
+    k = topk_ids.shape[2]
+    _checks.check_size(fn, "topk_ids.shape[-1] (k)", k, lo=1)
+    _checks.check_same_device(fn, logits=logits, topk_ids=topk_ids)
+    x = logits.to(ref.acc_dtype(logits.dtype))
+    s = torch.softmax(x, -1) if scoring == "softmax" else torch.sigmoid(x)
+    p = ref.balance_scores(s, scoring).sum(1) / max(S, 1)  # [B, E]
+    ids = topk_ids.reshape(B, S * k).long()
+    ids = torch.where((ids >= 0) & (ids < E), ids, E)
+    counts = torch.zeros(B, E + 1, dtype=p.dtype, device=p.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=p.dtype))
+    f = counts[:, :E] * (E / max(k * S, 1))
+    return (f * p).sum() / max(B, 1)
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

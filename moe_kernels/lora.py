@@ -23,6 +23,7 @@ from torch.library import custom_op
 from . import _backends, _checks
 from . import ops  # noqa: F401  (registers the routing ops the reference builds on)
 from . import reference as ref
+from .batch_invariance import is_batch_invariant
 from .gating import load_balancing_loss, topk_gating
 
 # ----- reference ---------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def lora_moe_dense(x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk
     N = lora_b.shape[1]
     ids = topk_ids.long()
     gate = torch.zeros(T, E + 1, dtype=topk_weights.dtype, device=x.device)
-    gate = gate.scatter_add(1, torch.where(ids >= 0, ids, E), topk_weights)[:, :E]  # [T, E]; ids of a token are distinct
+    gate = gate.scatter_add(1, torch.where((ids >= 0) & (ids < E), ids, E), topk_weights)[:, :E]  # [T, E]; ids of a token are distinct
     h = F.linear(x, lora_a.reshape(E * r, K)).view(T, E, r) * (scaling * gate).to(x.dtype)[:, :, None]
     b_cat = lora_b.permute(1, 0, 2).reshape(N, E * r)
     return torch.addmm(F.linear(x, base_weight, base_bias), h.reshape(T, E * r), b_cat.t())
@@ -195,7 +196,10 @@ def lora_moe(
     (``E*r*(K+N) <= 0.25*K*N``, e.g. E=8, r=16 on 4096x14336), every adapter runs densely as two
     GEMMs with the unchosen experts' blocks weighted 0 (:func:`lora_moe_dense`): no plan, no gather.
     Otherwise the routed kernels run: the adapter sum is accumulated in fp32 over the k slots in a
-    fixed order (no atomics): deterministic and batch-invariant. Differentiable in x, A, B and topk_weights, and in W0 and b0
+    fixed order (no atomics): deterministic. The GEMM tiles (and the base layer's cuBLAS kernel) depend
+    on the batch size; inside :func:`moe_kernels.batch_invariant` they do not (fixed tiles, the base layer
+    on the same kernel, never the dense path), and a token's output is bitwise independent of its batch.
+    Differentiable in x, A, B and topk_weights, and in W0 and b0
     when they require grad (a frozen base costs no weight gradient).
 
     Example::
@@ -216,8 +220,8 @@ def lora_moe(
         raise ValueError(f"{fn}: lora_a must have at least one expert and rank >= 1, got shape {tuple(lora_a.shape)}")
     _checks.check_tensor(fn, "lora_b", lora_b, ndim=3, dtypes=same, shape=(E, N, r),
                          layout=f"[E, N, r] (E={E} and rank r={r} of lora_a, N={N} of base_weight)")
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(T, None), layout="[T, k]")
-    k = topk_ids.shape[1]
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(T, None), layout="[T, k]")
+    k = _checks.check_top_k(fn, "topk_ids", topk_ids)
     _checks.check_tensor(fn, "topk_weights", topk_weights, dtypes=f, shape=(T, k), layout="[T, k]")
     if base_bias is not None:
         _checks.check_tensor(fn, "base_bias", base_bias, dtypes=same, shape=(N,), layout="[N] (x's dtype)")
@@ -225,8 +229,8 @@ def lora_moe(
         raise TypeError(f"{fn}: scaling must be a float, got {type(scaling).__name__}")
     _checks.check_same_device(fn, x=x, base_weight=base_weight, lora_a=lora_a, lora_b=lora_b, topk_weights=topk_weights,
                               topk_ids=topk_ids, base_bias=base_bias)
-    _checks.check_ids_in_range(fn, "topk_ids", topk_ids, E)
-    if backend == "auto" and dense_is_cheaper(K, N, E, r):
+    _checks.check_expert_ids(fn, "topk_ids", topk_ids, E)
+    if backend == "auto" and dense_is_cheaper(K, N, E, r) and not is_batch_invariant():
         return lora_moe_dense(x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk_ids, float(scaling))
     impl = _backends.select(fn, backend, x.device, x, lora_a)
     return impl(x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk_ids, float(scaling))

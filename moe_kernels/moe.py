@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends, _checks
+from . import _backends, _checks, _torch_moe
 from . import ops  # noqa: F401
 from .quant import QuantizedWeight, check_not_raw_fp8
-from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
+from .reference import DROP_POLICIES, GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
+from .routing import _capacity_drop
 
 _OPS = torch.ops.moe_kernels
-_backends.register("fused_moe", "torch")(_OPS.fused_moe.default)
+_backends.register("fused_moe", "torch")(_torch_moe.fused_moe)  # the reference op's math, less glue
 
 
 def activation(h: torch.Tensor, kind: str = "silu", *, gated: bool = True) -> torch.Tensor:
@@ -38,7 +39,9 @@ def fused_moe(
     w2_bias: torch.Tensor | None = None,
     apply_router_weight_on_input: bool = False,
     capacity: int | None = None,
+    drop_policy: str = "gshard",
     expert_map: torch.Tensor | None = None,
+    gate_up_interleaved: bool = False,
     a13_scale: torch.Tensor | None = None,
     a2_scale: torch.Tensor | None = None,
     backend: str = "auto",
@@ -52,7 +55,7 @@ def fused_moe(
     w13           [E, 2I, H]    gate rows [0, I) and up rows [I, 2I) (``[E, I, H]`` if not gated)
     w2            [E, H, I]     down projection
     topk_weights  [T, k]        routing weights (fp32)
-    topk_ids      [T, k]        experts in [0, E_global), -1 = dropped
+    topk_ids      [T, k]        experts in [0, E_global) (any integer dtype); others (-1, sentinels) dropped
     w13_bias      [E, 2I]       optional (gpt-oss)
     w2_bias       [E, H]        optional
     out           [T, H]        ``sum_j w[t, j] * (act(x_t @ w13[e].T + b13) @ w2[e].T + b2)``
@@ -60,8 +63,11 @@ def fused_moe(
 
     ``activation``: ``silu`` (SwiGLU), ``gelu`` (exact), ``relu`` or ``swiglu_oai`` (gpt-oss, gated only).
     ``apply_router_weight_on_input`` scales the token before the experts instead of after (Llama-4).
-    ``capacity`` and ``expert_map`` are as in :func:`plan_routing`; ``E`` is ``w13.shape[0]`` (the local
-    experts when ``expert_map`` is given). Differentiable in hidden, w13, w2, the biases and topk_weights.
+    ``capacity``, ``drop_policy`` and ``expert_map`` are as in :func:`plan_routing` (``"probs"`` ranks by
+    ``topk_weights``); ``E`` is ``w13.shape[0]`` (the local experts when ``expert_map`` is given).
+    ``gate_up_interleaved``: the rows of ``w13`` and ``w13_bias`` alternate gate, up (gpt-oss's layout, e.g.
+    ``gate_up_proj.transpose(1, 2)`` without a copy) instead of all gate rows then all up rows.
+    Differentiable in hidden, w13, w2, the biases and topk_weights.
 
     FP8 experts: ``w13`` and ``w2`` may both be :class:`~moe_kernels.QuantizedWeight` (inference only). Each GEMM's
     input is then quantized dynamically as its weight's layout asks (:mod:`moe_kernels.quant`), or with the static
@@ -78,7 +84,8 @@ def fused_moe(
         return _quant_ops.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation=activation, gated=gated,
                                     w13_bias=w13_bias, w2_bias=w2_bias,
                                     apply_router_weight_on_input=apply_router_weight_on_input, capacity=capacity,
-                                    expert_map=expert_map, a13_scale=a13_scale, a2_scale=a2_scale, backend=backend)
+                                    expert_map=expert_map, a13_scale=a13_scale, a2_scale=a2_scale, backend=backend,
+                                    drop_policy=drop_policy, gate_up_interleaved=gate_up_interleaved)
     check_not_raw_fp8(fn, w13=w13, w2=w2)
     if a13_scale is not None or a2_scale is not None:
         raise ValueError(f"{fn}: a13_scale / a2_scale are for QuantizedWeight experts; w13 and w2 are dense")
@@ -94,8 +101,8 @@ def fused_moe(
         raise ValueError(f"{fn}: gated w13 must have an even number of rows 2I, got shape {tuple(w13.shape)}")
     inter = I2 // 2 if gated else I2
     _checks.check_tensor(fn, "w2", w2, dtypes=(hidden.dtype,), shape=(E, H, inter), layout="[E, H, I]")
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(T, None), layout="[T, k]")
-    k = topk_ids.shape[1]
+    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(T, None), layout="[T, k]")
+    k = _checks.check_top_k(fn, "topk_ids", topk_ids)
     _checks.check_tensor(fn, "topk_weights", topk_weights, dtypes=f, shape=(T, k), layout="[T, k]")
     if w13_bias is not None:
         _checks.check_tensor(fn, "w13_bias", w13_bias, dtypes=f, shape=(E, I2), layout="[E, 2I]")
@@ -103,15 +110,21 @@ def fused_moe(
         _checks.check_tensor(fn, "w2_bias", w2_bias, dtypes=f, shape=(E, H), layout="[E, H]")
     if capacity is not None:
         _checks.check_int(fn, "capacity", capacity, lo=0)
+    _checks.check_choice(fn, "drop_policy", drop_policy, DROP_POLICIES)
     n_ids = E
     if expert_map is not None:
-        _checks.check_tensor(fn, "expert_map", expert_map, ndim=1, dtypes=_checks.INDEX_DTYPES, layout="[E_global]")
-        _checks.check_ids_in_range(fn, "expert_map", expert_map, E)
+        _checks.check_tensor(fn, "expert_map", expert_map, ndim=1, dtypes=_checks.ID_DTYPES, layout="[E_global]")
+        _checks.check_expert_ids(fn, "expert_map", expert_map, E)
         n_ids = expert_map.shape[0]
     _checks.check_same_device(fn, hidden=hidden, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
                               w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
-    _checks.check_ids_in_range(fn, "topk_ids", topk_ids, n_ids)
+    _checks.check_expert_ids(fn, "topk_ids", topk_ids, n_ids)
+    if capacity is not None and drop_policy != "gshard":  # the over-capacity slots become dropped ids
+        topk_ids = _capacity_drop(fn, topk_ids, E, capacity, drop_policy, topk_weights, expert_map, backend)
+        capacity = None
+    interleaved = bool(gate_up_interleaved) and bool(gated)
     impl = _backends.select(fn, backend, hidden.device, hidden, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
-                            activation=activation)
+                            activation=activation, gate_up_interleaved=interleaved)
+    extra = (True,) if interleaved else ()  # only then: every backend's op takes the flag last, with default False
     return impl(hidden, w13, w2, topk_weights, topk_ids, activation, bool(gated), w13_bias, w2_bias,
-                bool(apply_router_weight_on_input), capacity, expert_map)
+                bool(apply_router_weight_on_input), capacity, expert_map, *extra)

@@ -23,14 +23,16 @@ from . import reference as ref
 @custom_op("moe_kernels::topk_gating", mutates_args=())
 def topk_gating(
     logits: Tensor, correction_bias: Optional[Tensor], top_k: int, scoring: str, renormalize: bool,
-    num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool,
+    num_groups: int, topk_groups: int, scaling_factor: float, with_stats: bool, group_n: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    w, ids = ref.topk_gating(logits, top_k, scoring, renormalize, correction_bias, num_groups, topk_groups, scaling_factor)
+    w, ids = ref.topk_gating(logits, top_k, scoring, renormalize, correction_bias, num_groups, topk_groups, scaling_factor,
+                             group_n)
     counts, sums = ref.gating_stats(logits, ids, scoring) if with_stats else (ids.new_empty(0), w.new_empty(0))
     return w, ids, counts, sums
 
 
-def gating_fake(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, with_stats):
+def gating_fake(logits, correction_bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, with_stats,
+                group_n):
     T, E = logits.shape
     n = E if with_stats else 0
     f = ref.acc_dtype(logits.dtype)
@@ -173,6 +175,19 @@ def plan_fake(topk_ids, num_experts, block_size, capacity, expert_map):
     )
 
 
+@custom_op("moe_kernels::capacity_drop", mutates_args=())
+def capacity_drop(
+    topk_ids: Tensor, num_experts: int, capacity: int, drop_policy: str, topk_weights: Optional[Tensor],
+    expert_map: Optional[Tensor],
+) -> Tensor:
+    return ref.capacity_drop(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map)
+
+
+@capacity_drop.register_fake
+def capacity_drop_fake(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map):
+    return topk_ids.new_empty(topk_ids.shape, dtype=torch.int32)
+
+
 @custom_op("moe_kernels::permute", mutates_args=())
 def permute(x: Tensor, sorted_slots: Tensor, slot_to_row: Tensor, top_k: int, row_weights: Optional[Tensor]) -> Tensor:
     return ref.permute(x, sorted_slots, top_k, row_weights)
@@ -300,6 +315,29 @@ def gemm_autograd(gemm_op, wgrad_op, segment_sum_op):
 _bwd, _setup = gemm_autograd(grouped_gemm, grouped_gemm_wgrad, segment_sum)
 grouped_gemm.register_autograd(_bwd, setup_context=_setup)
 
+
+def wgrad_autograd(gemm_op):
+    """``(backward, setup_context)`` of one backend's grouped_gemm_wgrad op ``(a, b, expert_offsets,
+    sorted_slots)`` -> ``[E, A, B]``: ``da[r] = b[r] @ g[e].T`` and ``db[r] = a[r] @ g[e]``, both the
+    grouped GEMM (zero on rows outside the segments and on padding rows, which did not count)."""
+
+    def setup_context(ctx, inputs, output):
+        a, b, offsets, sorted_slots = inputs
+        ctx.save_for_backward(a, b, offsets, sorted_slots)
+
+    def backward(ctx, grad):
+        a, b, offsets, sorted_slots = ctx.saved_tensors
+        g = grad.to(a.dtype)
+        ga = gemm_op(b, g, offsets, None, sorted_slots, True) if ctx.needs_input_grad[0] else None
+        gb = gemm_op(a, g, offsets, None, sorted_slots, False) if ctx.needs_input_grad[1] else None
+        return ga, gb, None, None
+
+    return backward, setup_context
+
+
+_bwd, _setup = wgrad_autograd(grouped_gemm)
+grouped_gemm_wgrad.register_autograd(_bwd, setup_context=_setup)
+
 # ----- activation ------------------------------------------------------------------------------------
 
 
@@ -342,10 +380,10 @@ activation.register_autograd(_act_backward, setup_context=_act_setup)
 def fused_moe(
     hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor, activation: str, gated: bool,
     w13_bias: Optional[Tensor], w2_bias: Optional[Tensor], apply_router_weight_on_input: bool,
-    capacity: Optional[int], expert_map: Optional[Tensor],
+    capacity: Optional[int], expert_map: Optional[Tensor], gate_up_interleaved: bool = False,
 ) -> Tensor:
     return ref.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
-                         apply_router_weight_on_input, capacity, expert_map)
+                         apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved)
 
 
 @fused_moe.register_fake
@@ -358,9 +396,10 @@ def fused_moe_backward(
     grad_out: Tensor, hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
     activation: str, gated: bool, w13_bias: Optional[Tensor], w2_bias: Optional[Tensor],
     apply_router_weight_on_input: bool, capacity: Optional[int], expert_map: Optional[Tensor],
+    gate_up_interleaved: bool = False,
 ) -> List[Tensor]:
     grads = ref.fused_moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias,
-                                   w2_bias, apply_router_weight_on_input, capacity, expert_map)
+                                   w2_bias, apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved)
     return [g if g is not None else hidden.new_empty(0) for g in grads]
 
 
@@ -375,22 +414,26 @@ def _(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_
 
 def moe_autograd(backward_op):
     """``(backward, setup_context)`` of one backend's fused_moe op; ``backward_op`` (same arguments as
-    ``fused_moe_backward``) recomputes what it needs from the inputs, so only those are saved."""
+    ``fused_moe_backward``) recomputes what it needs from the inputs, so only those are saved. A trailing
+    ``gate_up_interleaved`` input, when true, is handed on to ``backward_op`` as its last argument."""
 
     def setup_context(ctx, inputs, output):
-        hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input, capacity, expert_map = inputs
+        hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input, capacity, expert_map = inputs[:12]
         ctx.save_for_backward(hidden, w13, w2, topk_weights, topk_ids, b13, b2, expert_map)
         ctx.cfg = (act, gated, on_input, capacity)
+        ctx.extra = (True,) if len(inputs) > 12 and inputs[12] else ()
+        ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad):
         hidden, w13, w2, topk_weights, topk_ids, b13, b2, expert_map = ctx.saved_tensors
         act, gated, on_input, capacity = ctx.cfg
-        g = backward_op(grad, hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input, capacity, expert_map)
+        g = backward_op(grad, hidden, w13, w2, topk_weights, topk_ids, act, gated, b13, b2, on_input, capacity, expert_map,
+                        *ctx.extra)
         need = ctx.needs_input_grad
         gb13 = g[4] if b13 is not None and need[7] else None
         gb2 = g[5] if b2 is not None and need[8] else None
         return (g[0] if need[0] else None, g[1] if need[1] else None, g[2] if need[2] else None,
-                g[3] if need[3] else None, None, None, None, gb13, gb2, None, None, None)
+                g[3] if need[3] else None, None, None, None, gb13, gb2, None, None, None) + (None,) * (ctx.num_inputs - 12)
 
     return backward, setup_context
 

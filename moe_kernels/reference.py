@@ -64,6 +64,48 @@ def stable_topk_indices(values: torch.Tensor, k: int, allowed: torch.Tensor | No
     return order.gather(-1, first)[..., :k]
 
 
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
+GROUP_SCORES = ("max", "top2_sum", "topk_sum")
+RENORM_EPS = 1e-20  # sigmoid / sqrtsoftplus renormalisation: w / (sum + eps), as Megatron and TE
+
+
+def safe_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim under the non-finite rule: a NaN weighs 0 and is left out of the
+    normaliser; when a row has +inf entries they share the mass equally (the limit of softmax) and
+    the rest weigh 0; a row with neither a finite nor a +inf entry weighs 0 everywhere. Never 0/0."""
+    x = torch.where(torch.isnan(x), float("-inf"), x)
+    m = x.amax(-1, keepdim=True)
+    z = torch.where(m == float("inf"), torch.where(x == float("inf"), 0.0, float("-inf")),
+                    x - torch.where(torch.isfinite(m), m, 0.0))
+    e = torch.exp(z)
+    d = e.sum(-1, keepdim=True)
+    return e / torch.where(d > 0, d, 1.0)
+
+
+def scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Top-k gating scores in ``acc_dtype``: :func:`safe_softmax`, ``sigmoid`` or ``sqrt(softplus)``
+    (DeepSeek-V4, Megatron/TE ``sqrtsoftplus``). Always finite: NaN logits score 0, +-inf logits are
+    clamped to the largest finite fp32 value first (sigmoid 1 / 0, sqrtsoftplus ``sqrt(3.4e38)``), in
+    every dtype, so that the float64 reference and the fp32 kernels agree."""
+    x = logits.to(acc_dtype(logits.dtype))
+    if scoring == "softmax":
+        return safe_softmax(x)
+    big = torch.finfo(torch.float32).max
+    xc = x.clamp(-big, big)
+    s = torch.sigmoid(xc) if scoring == "sigmoid" else F.softplus(xc).sqrt()
+    return torch.where(torch.isnan(x), 0.0, s)
+
+
+def group_top_n(group_score: str | None, has_bias: bool, top_k: int, topk_groups: int, group_size: int) -> int:
+    """How many of a group's best selection scores its group score sums: ``"max"`` 1 (DeepSeek-V2),
+    ``"top2_sum"`` 2 (DeepSeek-V3), ``"topk_sum"`` ``top_k // topk_groups`` (TE/Megatron). ``None``:
+    ``"top2_sum"`` with a correction bias, else ``"max"``. Never more than the group holds."""
+    if group_score is None:
+        group_score = "top2_sum" if has_bias else "max"
+    n = {"max": 1, "top2_sum": 2, "topk_sum": top_k // topk_groups}[group_score]
+    return max(1, min(n, group_size))
+
+
 def topk_gating(
     logits: torch.Tensor,
     top_k: int,
@@ -73,43 +115,66 @@ def topk_gating(
     num_groups: int = 1,
     topk_groups: int = 1,
     scaling_factor: float = 1.0,
+    group_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing. Returns ``(topk_weights [T, k] fp32, topk_ids [T, k] int32)``.
 
-    NaN selection scores rank below every number (-inf included), so a NaN row still yields valid ids.
+    Selection by ``scores + bias``; NaN logits rank below every number (-inf included), so a NaN row
+    still yields valid ids. A group's score is the sum of its ``group_n`` best selection scores
+    (default :func:`group_top_n` ``(None, ...)``). Renormalised softmax weights are the softmax of
+    the selected logits; sigmoid and sqrtsoftplus weights are divided by their sum plus 1e-20.
     """
     T, E = logits.shape
-    s = _scores(logits, scoring)  # [T, E]
+    x = logits.to(acc_dtype(logits.dtype))
+    s = scores(logits, scoring)  # [T, E]
     sel = s if correction_bias is None else s + correction_bias.to(s.dtype)
+    sel = torch.where(torch.isnan(x), float("nan"), sel)
     allowed = None
     if num_groups > 1:
+        gs = E // num_groups
+        n = group_n if group_n is not None else group_top_n(None, correction_bias is not None, top_k, topk_groups, gs)
         clean = torch.where(torch.isnan(sel), float("-inf"), sel)  # a group's score counts NaN as -inf
-        grouped = clean.view(T, num_groups, E // num_groups)  # [T, G, E/G]
-        if correction_bias is not None and E // num_groups >= 2:
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)
-        else:
-            group_score = grouped.max(dim=-1).values  # [T, G]
+        group_score = clean.view(T, num_groups, gs).topk(n, dim=-1).values.sum(-1)  # [T, G]
         best_groups = stable_topk_indices(group_score, topk_groups)
         group_ok = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
-        allowed = group_ok.repeat_interleave(E // num_groups, dim=1)  # [T, E]
+        allowed = group_ok.repeat_interleave(gs, dim=1)  # [T, E]
     ids = stable_topk_indices(sel, top_k, allowed)  # [T, k]
-    w = s.gather(1, ids)
-    if renormalize:
-        w = w / (w.sum(-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0.0))
+    if renormalize and scoring == "softmax":
+        w = safe_softmax(x.gather(1, ids))  # softmax of the selected logits: never 0/0
+    else:
+        w = s.gather(1, ids)
+        if renormalize:
+            w = w / (w.sum(-1, keepdim=True) + RENORM_EPS)
     return w * scaling_factor, ids.to(torch.int32)
 
 
 def balance_scores(s: torch.Tensor, scoring: str) -> torch.Tensor:
     """Per-token expert probabilities that the load-balancing loss averages: softmax scores as they
-    are, sigmoid scores normalised per token."""
-    return s if scoring == "softmax" else s / (s.sum(-1, keepdim=True) + 1e-20)
+    are, sigmoid and sqrtsoftplus scores normalised per token."""
+    return s if scoring == "softmax" else s / (s.sum(-1, keepdim=True) + RENORM_EPS)
 
 
 def gating_stats(logits: torch.Tensor, topk_ids: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens_per_expert [E] int32, score_sums [E])``: slots per expert and the per-expert sum over
     tokens of :func:`balance_scores`, the two statistics of the load-balancing loss."""
     E = logits.shape[1]
-    return expert_counts(topk_ids, E), balance_scores(_scores(logits, scoring), scoring).sum(0)
+    return expert_counts(topk_ids, E), balance_scores(scores(logits, scoring), scoring).sum(0)
+
+
+def _softmax_backward(x: torch.Tensor, s: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+    """Backward of :func:`safe_softmax`: 0 on rows with a +inf entry (the scores are constant there)."""
+    flat = (torch.where(torch.isnan(x), float("-inf"), x).amax(-1, keepdim=True) == float("inf"))
+    return torch.where(flat, 0.0, s * (ds - (ds * s).sum(-1, keepdim=True)))
+
+
+def _gating_score_backward(x: torch.Tensor, s: torch.Tensor, ds: torch.Tensor, scoring: str) -> torch.Tensor:
+    """d loss / d logits from d loss / d :func:`scores`; 0 on non-finite logits."""
+    if scoring == "softmax":
+        return _softmax_backward(x, s, ds)
+    if scoring == "sigmoid":
+        return ds * s * (1 - s)
+    dsp = torch.sigmoid(x) / (2 * torch.where(s > 0, s, 1.0))  # d sqrt(softplus(x)) / dx
+    return torch.where(torch.isfinite(x) & (s > 0), ds * dsp, 0.0)
 
 
 def _score_backward(s: torch.Tensor, ds: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -128,25 +193,35 @@ def topk_gating_backward(
     grad_score_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """d loss / d logits from d loss / d topk_weights and, optionally, d loss / d score_sums of
-    :func:`gating_stats` (the correction bias only selects, so it gets no gradient)."""
-    s = _scores(logits, scoring)
+    :func:`gating_stats` (the correction bias only selects, so it gets no gradient). A renormalised
+    weight of k=1 is the constant 1: its gradient is exactly 0."""
+    x = logits.to(acc_dtype(logits.dtype))
+    s = scores(logits, scoring)
     ids = topk_ids.long()
-    g = s.gather(1, ids)  # [T, k] unnormalised weights
     dw = grad_weights.to(s.dtype) * scaling_factor
-    if renormalize:
-        denom = g.sum(-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0.0)
-        dg = dw / denom - (dw * g).sum(-1, keepdim=True) / denom**2
+    dx = torch.zeros_like(s)
+    ds = torch.zeros_like(s)
+    if renormalize and scoring == "softmax":  # w = softmax(x[ids])
+        xs = x.gather(1, ids)
+        w = safe_softmax(xs)
+        dxs = _softmax_backward(xs, w, dw)
+        dx = dx.scatter_add(1, ids, dxs)
     else:
-        dg = dw
-    ds = torch.zeros_like(s).scatter_add_(1, ids, dg)  # [T, E]
+        g = s.gather(1, ids)  # [T, k] unnormalised weights
+        if renormalize:
+            denom = g.sum(-1, keepdim=True) + RENORM_EPS
+            dg = (dw - (dw * (g / denom)).sum(-1, keepdim=True)) / denom
+        else:
+            dg = dw
+        ds = ds.scatter_add(1, ids, dg)
     if grad_score_sums is not None:
         dq = grad_score_sums.to(s.dtype)[None, :].expand_as(s)
         if scoring == "softmax":
             ds = ds + dq
         else:
-            z = s.sum(-1, keepdim=True) + 1e-20
+            z = s.sum(-1, keepdim=True) + RENORM_EPS
             ds = ds + dq / z - (dq * s).sum(-1, keepdim=True) / z**2
-    return _score_backward(s, ds, scoring).to(logits.dtype)
+    return (dx + _gating_score_backward(x, s, ds, scoring)).to(logits.dtype)
 
 
 def expert_choice_gating(logits: torch.Tensor, capacity: int, scoring: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,12 +320,8 @@ def plan_routing(
     key = torch.where((ids >= 0) & (ids < E), ids, E)  # [T, k]; E = dropped
     if capacity is not None:
         # GShard: all first choices before all second choices, earlier tokens first.
-        by_priority = key.t().reshape(-1)  # [k*T]
-        order = torch.sort(by_priority, stable=True).indices
-        starts = _exclusive_cumsum(_bucket_counts(by_priority, E + 1))
-        rank = torch.empty_like(by_priority)
-        rank[order] = torch.arange(S, device=device) - starts[by_priority[order]]
-        key = torch.where(rank.view(k, T).t() < capacity, key, E)
+        gshard = torch.arange(S, device=device).view(T, k).t().reshape(-1)  # pass position -> slot
+        key = torch.where(capacity_ranks(key.reshape(-1), gshard, E).view(T, k) < capacity, key, E)
     flat = key.reshape(-1)  # [S]
     order = torch.sort(flat, stable=True).indices  # slot indices grouped by expert, by slot index
     counts = _bucket_counts(flat, E + 1)
@@ -270,6 +341,59 @@ def plan_routing(
         tokens.to(torch.int32),
         slot_to_row.to(torch.int32),
     )
+
+
+def capacity_ranks(key: torch.Tensor, order: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rank of every slot within its expert when the slots are taken in the pass order ``order``
+    (``order[p]`` is the slot taken p-th): ``[S]`` int64; ``key [S]`` holds experts in [0, E], E = dropped."""
+    S = key.shape[0]
+    in_order = key[order]  # [S] expert of the p-th slot taken
+    by_expert = torch.sort(in_order, stable=True).indices
+    starts = _exclusive_cumsum(_bucket_counts(in_order, num_experts + 1))
+    rank_in_order = torch.empty_like(in_order)
+    rank_in_order[by_expert] = torch.arange(S, device=key.device) - starts[in_order[by_expert]]
+    return torch.empty_like(rank_in_order).scatter_(0, order, rank_in_order)
+
+
+DROP_POLICIES = ("gshard", "position", "probs")
+
+
+def drop_order(drop_policy: str, top_k: int, topk_weights: torch.Tensor | None, num_slots: int, device) -> torch.Tensor:
+    """The order in which experts fill their capacity, as slots ``[S]``: ``gshard`` all first choices,
+    then all second choices (earlier tokens first); ``position`` slot order (token order);
+    ``probs`` highest routing weight first (NaN as -inf; ties to the lower slot)."""
+    if drop_policy == "position":
+        return torch.arange(num_slots, device=device)
+    if drop_policy == "gshard":
+        return torch.arange(num_slots, device=device).view(-1, top_k).t().reshape(-1)
+    w = topk_weights.reshape(-1)
+    w = torch.where(torch.isnan(w), float("-inf"), w)
+    return torch.sort(w, descending=True, stable=True).indices
+
+
+def capacity_drop(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    drop_policy: str,
+    topk_weights: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``topk_ids`` as int32 with -1 for every slot its expert has no room for: each (local) expert keeps
+    its first ``capacity`` slots in :func:`drop_order`. Ids that are dropped anyway (outside ``[0, E)``, or
+    unmapped) are returned as they are."""
+    T, k = topk_ids.shape
+    S, E = T * k, num_experts
+    ids = topk_ids.long()
+    local = ids
+    if expert_map is not None:
+        n_global = expert_map.shape[0]
+        inside = (ids >= 0) & (ids < n_global)
+        local = torch.where(inside, expert_map.long()[ids.clamp(0, max(n_global - 1, 0))], -1) if n_global else -torch.ones_like(ids)
+    key = torch.where((local >= 0) & (local < E), local, E).reshape(-1)  # [S]
+    rank = capacity_ranks(key, drop_order(drop_policy, k, topk_weights, S, ids.device), E)
+    kept = (key == E) | (rank < capacity)
+    return torch.where(kept.view(T, k), ids, -1).to(torch.int32)
 
 
 def permute(
@@ -404,16 +528,24 @@ def segment_sum(y: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: tor
 # ----- activation ------------------------------------------------------------------------------------
 
 
-def _split(h: torch.Tensor, gated: bool):
+def _split(h: torch.Tensor, gated: bool, interleaved: bool = False):
     if not gated:
         return h.to(acc_dtype(h.dtype)), None
+    if interleaved:  # columns (g0, u0, g1, u1, ...), gpt-oss
+        return h[..., 0::2].to(acc_dtype(h.dtype)), h[..., 1::2].to(acc_dtype(h.dtype))
     inter = h.shape[-1] // 2
     return h[..., :inter].to(acc_dtype(h.dtype)), h[..., inter:].to(acc_dtype(h.dtype))
 
 
-def activation(h: torch.Tensor, kind: str, gated: bool = True) -> torch.Tensor:
-    """``act(gate) * up`` on ``h = [gate | up]`` (gated) or ``act(h)``; computed in fp32."""
-    g, u = _split(h, gated)
+def _join(dg: torch.Tensor, du: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The inverse of :func:`_split` for gradients: ``[dg | du]``, or the two interleaved."""
+    return torch.stack([dg, du], -1).flatten(-2) if interleaved else torch.cat([dg, du], -1)
+
+
+def activation(h: torch.Tensor, kind: str, gated: bool = True, interleaved: bool = False) -> torch.Tensor:
+    """``act(gate) * up`` on ``h = [gate | up]`` (gated; ``interleaved``: gate and up alternate in columns)
+    or ``act(h)``; computed in fp32."""
+    g, u = _split(h, gated, interleaved)
     if kind == "swiglu_oai":
         g, u = g.clamp(max=OAI_LIMIT), u.clamp(-OAI_LIMIT, OAI_LIMIT)
         return ((u + 1) * g * torch.sigmoid(OAI_ALPHA * g)).to(h.dtype)
@@ -421,16 +553,18 @@ def activation(h: torch.Tensor, kind: str, gated: bool = True) -> torch.Tensor:
     return (a if u is None else a * u).to(h.dtype)
 
 
-def activation_backward(grad: torch.Tensor, h: torch.Tensor, kind: str, gated: bool = True) -> torch.Tensor:
+def activation_backward(
+    grad: torch.Tensor, h: torch.Tensor, kind: str, gated: bool = True, interleaved: bool = False
+) -> torch.Tensor:
     """d loss / d h from d loss / d activation(h)."""
-    g, u = _split(h, gated)
+    g, u = _split(h, gated, interleaved)
     da = grad.to(g.dtype)
     if kind == "swiglu_oai":
         gc, uc = g.clamp(max=OAI_LIMIT), u.clamp(-OAI_LIMIT, OAI_LIMIT)
         sg = torch.sigmoid(OAI_ALPHA * gc)
         dg = da * (uc + 1) * (sg + OAI_ALPHA * gc * sg * (1 - sg)) * (g <= OAI_LIMIT)
         du = da * gc * sg * ((u >= -OAI_LIMIT) & (u <= OAI_LIMIT))
-        return torch.cat([dg, du], -1).to(h.dtype)
+        return _join(dg, du, interleaved).to(h.dtype)
     if kind == "silu":
         sg = torch.sigmoid(g)
         act, dact = g * sg, sg * (1 + g * (1 - sg))
@@ -441,18 +575,19 @@ def activation_backward(grad: torch.Tensor, h: torch.Tensor, kind: str, gated: b
         act, dact = F.relu(g), (g > 0).to(g.dtype)
     if u is None:
         return (da * dact).to(h.dtype)
-    return torch.cat([da * u * dact, da * act], -1).to(h.dtype)
+    return _join(da * u * dact, da * act, interleaved).to(h.dtype)
 
 
 # ----- fused MoE -------------------------------------------------------------------------------------
 
 
-def _moe_forward_parts(hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated, w13_bias, w2_bias, on_input, capacity, expert_map):
+def _moe_forward_parts(hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated, w13_bias, w2_bias, on_input, capacity,
+                       expert_map, interleaved=False):
     k = topk_ids.shape[1]
     slots, offsets, _, slot_to_row = plan_routing(topk_ids, w13.shape[0], 1, capacity, expert_map)
     xs = permute(hidden, slots, k, topk_weights if on_input else None)  # [P, H]
     h = grouped_gemm(xs, w13, offsets, w13_bias, slots)  # [P, 2I]
-    a = activation(h, activation_kind, gated)  # [P, I]
+    a = activation(h, activation_kind, gated, interleaved)  # [P, I]
     ys = grouped_gemm(a, w2, offsets, w2_bias, slots)  # [P, H]
     return slots, offsets, slot_to_row, xs, h, a, ys
 
@@ -460,10 +595,12 @@ def _moe_forward_parts(hidden, w13, w2, topk_weights, topk_ids, activation_kind,
 def fused_moe(
     hidden, w13, w2, topk_weights, topk_ids, activation_kind="silu", gated=True,
     w13_bias=None, w2_bias=None, apply_router_weight_on_input=False, capacity=None, expert_map=None,
+    gate_up_interleaved=False,
 ):
-    """The MoE layer's experts: plan, permute, two grouped GEMMs around the activation, weighted combine."""
+    """The MoE layer's experts: plan, permute, two grouped GEMMs around the activation, weighted combine.
+    ``gate_up_interleaved``: the rows of ``w13`` (and of its bias) alternate gate, up (gpt-oss)."""
     parts = _moe_forward_parts(hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated,
-                               w13_bias, w2_bias, apply_router_weight_on_input, capacity, expert_map)
+                               w13_bias, w2_bias, apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved)
     slot_to_row, ys = parts[2], parts[6]
     return unpermute(ys, slot_to_row, topk_ids.shape[1], None if apply_router_weight_on_input else topk_weights)
 
@@ -471,16 +608,18 @@ def fused_moe(
 def fused_moe_backward(
     grad_out, hidden, w13, w2, topk_weights, topk_ids, activation_kind="silu", gated=True,
     w13_bias=None, w2_bias=None, apply_router_weight_on_input=False, capacity=None, expert_map=None,
+    gate_up_interleaved=False,
 ):
     """Gradients ``(hidden, w13, w2, topk_weights, w13_bias, w2_bias)``; the forward is recomputed, so only
     the inputs need to be kept between forward and backward."""
     on_input = apply_router_weight_on_input
     k = topk_ids.shape[1]
     slots, offsets, slot_to_row, xs, h, a, ys = _moe_forward_parts(
-        hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated, w13_bias, w2_bias, on_input, capacity, expert_map)
+        hidden, w13, w2, topk_weights, topk_ids, activation_kind, gated, w13_bias, w2_bias, on_input, capacity, expert_map,
+        gate_up_interleaved)
     g_ys = permute(grad_out, slots, k, None if on_input else topk_weights)  # [P, H]
     g_a = grouped_gemm(g_ys, w2, offsets, None, slots, trans_w=False)  # [P, I]
-    g_h = activation_backward(g_a, h, activation_kind, gated)  # [P, 2I]
+    g_h = activation_backward(g_a, h, activation_kind, gated, gate_up_interleaved)  # [P, 2I]
     g_xs = grouped_gemm(g_h, w13, offsets, None, slots, trans_w=False)  # [P, H]
     g_hidden = unpermute(g_xs, slot_to_row, k, topk_weights if on_input else None)
     if on_input:

@@ -212,7 +212,7 @@ def _scenario_errors(chk, rank, world, device):
 SCENARIOS = (_scenario_layers, _scenario_dispatch_combine, _scenario_errors)
 
 
-def _worker(rank, world, port, backend, out_dir):
+def _worker(rank, world, port, backend, out_dir, scenarios=SCENARIOS):
     torch.set_num_threads(1)  # the ranks share a few cores
     if backend == "gloo" and sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
@@ -224,7 +224,7 @@ def _worker(rank, world, port, backend, out_dir):
                             timeout=COLLECTIVE_TIMEOUT)
     chk = Checks(rank)
     try:
-        for scenario in SCENARIOS:
+        for scenario in scenarios:
             scenario(chk, rank, world, device)
     except Exception:
         chk.failures.append(f"{chk.scenario}: rank {rank}: raised\n{traceback.format_exc()}")
@@ -244,13 +244,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_group(world: int, backend: str, out_dir) -> list[str]:
-    """Run every scenario on ``world`` processes; the failures of all ranks. Kills the group on a hang.
+def _run_group(world: int, backend: str, out_dir, scenarios=SCENARIOS, preload: str = __name__) -> list[str]:
+    """Run every scenario (functions of the importable module ``preload``) on ``world`` processes; the failures
+    of all ranks. Kills the group on a hang.
     A second try, on a new port, only when the first could not bind its port (another process took it)."""
     ctx = mp.get_context("forkserver")  # one import of torch and moe_kernels, then cheap forks
-    ctx.set_forkserver_preload(["moe_kernels", __name__])
+    ctx.set_forkserver_preload(["moe_kernels", preload])
     for attempt in range(2):
-        procs = mp.start_processes(_worker, args=(world, _free_port(), backend, str(out_dir)), nprocs=world,
+        procs = mp.start_processes(_worker, args=(world, _free_port(), backend, str(out_dir), scenarios), nprocs=world,
                                    join=False, start_method="forkserver")
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         crashed = None

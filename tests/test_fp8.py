@@ -169,13 +169,39 @@ def test_grouped_gemm_fp8_weight_only_kernel():
 
     sizes = [4, 0, 19]
     x = torch.randn(sum(sizes) + 2, 200, device=DEV).half()
-    for kw in LAYOUTS.values():
-        qw = mk.quantize(torch.randn(3, 72, 200, device=DEV) / 14, **kw)
-        sc, bn, bk = qw.scale_blocks()
-        y, _ = fp8_gemm.fp8_grouped_gemm(x, qw.data, sc, bn, bk, offsets_of(sizes), None, None, "none", None,
-                                         empty=lambda s, dtype, device: torch.full(s, float("nan"), dtype=dtype, device=device))
-        expected = mk.grouped_gemm(x.double(), qw.dequantize(torch.float64), offsets_of(sizes), backend="torch")
-        assert_close("y", y, expected, rms_tol=2e-3)
+    for (name, kw), bits in zip(LAYOUTS.items(), (False, True, True, False)):
+        for fmt in ("fp8", "fp8_e5m2") if bits else ("fp8",):  # bits: sm_80's in-kernel decode of the fp8 bits
+            qw = mk.quantize(torch.randn(3, 72, 200, device=DEV) / 14, fmt, **kw)
+            sc, bn, bk = qw.scale_blocks()
+            y, _ = fp8_gemm.fp8_grouped_gemm(x, qw.data, sc, bn, bk, offsets_of(sizes), None, None, "none", None,
+                                             weight_bits=bits, empty=lambda s, dtype, device: torch.full(
+                                                 s, float("nan"), dtype=dtype, device=device))
+            expected = mk.grouped_gemm(x.double(), qw.dequantize(torch.float64), offsets_of(sizes), backend="torch")
+            assert_close(f"y {name} {fmt}", y, expected, rms_tol=2e-3)
+
+
+if FAST:
+    import triton
+    import triton.language as tl
+
+    from moe_kernels.triton_kernels.fp8_gemm import _fp8_bits_to_f32
+
+    @triton.jit
+    def _decode_kernel(b_ptr, out_ptr, E5M2: tl.constexpr):
+        i = tl.arange(0, 256)
+        tl.store(out_ptr + i, _fp8_bits_to_f32(tl.load(b_ptr + i), E5M2))
+
+
+def test_fp8_bits_decode_is_exact():
+    """Every e4m3fn / e5m2 bit pattern through the kernel's bit decode (the sm_80 path) equals torch's value."""
+    if not FAST:
+        pytest.skip("no triton backend")
+    decode = _decode_kernel
+    bits = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(DEV)
+    for dt, e5m2 in ((torch.float8_e4m3fn, False), (torch.float8_e5m2, True)):
+        out = torch.full((256,), 7.0, device=DEV)
+        decode[(1,)](bits, out, E5M2=e5m2)
+        torch.testing.assert_close(out, bits.view(dt).float(), equal_nan=True, rtol=0, atol=0)
 
 
 # ----- fused MoE -------------------------------------------------------------------------------------

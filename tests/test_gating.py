@@ -2,8 +2,9 @@
 
 Contract (moe_kernels.topk_gating): scores s = softmax/sigmoid(logits) in fp32; selection by
 s + correction_bias; optional group-limited selection; ids best first with ties to the lower index;
-NaN selection scores rank below every number; weights are the unbiased s of the chosen experts,
-renormalised if asked (sum + 1e-20 for sigmoid), times scaling_factor.
+NaN logits and NaN selection scores rank below every number and weigh 0; weights are the unbiased s of
+the chosen experts, renormalised if asked (softmax: the softmax of the selected logits; sigmoid: sum +
+1e-20), times scaling_factor.
 """
 
 from __future__ import annotations
@@ -34,18 +35,24 @@ def _sigmoid(x: float) -> float:
 
 
 def _softmax(row: list[float]) -> list[float]:
-    # Undefined rows (NaN, +inf, all -inf) give NaN scores; tests only check id validity there,
-    # except all-NaN rows, where every selection score ties (NaN) and the lowest indices win.
-    if any(math.isnan(v) or v == INF for v in row) or all(v == -INF for v in row):
-        return [NAN] * len(row)
-    m = max(row)
-    ex = [math.exp(v - m) for v in row]
+    """The non-finite rule: NaN weighs 0 and is left out; +inf entries share the mass; no finite or
+    +inf entry: all 0."""
+    vals = [v for v in row if not math.isnan(v)]
+    n_inf = sum(v == INF for v in vals)
+    if n_inf:
+        return [1.0 / n_inf if v == INF else 0.0 for v in row]
+    if not vals or all(v == -INF for v in vals):
+        return [0.0] * len(row)
+    m = max(vals)
+    ex = [0.0 if math.isnan(v) else math.exp(v - m) for v in row]
     z = sum(ex)
     return [e / z for e in ex]
 
 
 def naive_scores(row: list[float], scoring: str) -> list[float]:
-    return _softmax(row) if scoring == "softmax" else [_sigmoid(v) for v in row]
+    """Selection scores before the bias: NaN for a NaN logit (it ranks last), else the finite score."""
+    s = _softmax(row) if scoring == "softmax" else [_sigmoid(v) for v in row]
+    return [NAN if math.isnan(v) else x for v, x in zip(row, s)]
 
 
 def _rank_key(v: float, idx: int):
@@ -74,8 +81,13 @@ def naive_select(sel: list[float], k: int, num_groups: int, topk_groups: int, ha
     return sorted(candidates, key=lambda e: _rank_key(sel[e], e))[:k], gscores
 
 
-def naive_weights(s: list[float], ids: list[int], scoring: str, renormalize: bool, scale: float) -> list[float]:
-    w = [s[e] for e in ids]
+def naive_weights(s: list[float], ids: list[int], scoring: str, renormalize: bool, scale: float,
+                  row: list[float] | None = None) -> list[float]:
+    """Unbiased scores of ``ids`` (NaN logits weigh 0); renormalised softmax weights are the softmax of
+    the selected logits ``row[ids]``."""
+    if renormalize and scoring == "softmax" and row is not None:
+        return [x * scale for x in _softmax([row[e] for e in ids])]
+    w = [0.0 if math.isnan(s[e]) else s[e] for e in ids]
     if renormalize:
         d = sum(w) + (1e-20 if scoring == "sigmoid" else 0.0)
         w = [x / d for x in w]
@@ -109,7 +121,7 @@ def check_gating(logits, k, w, ids, *, scoring="softmax", renormalize=True, bias
             tie = allow_near_ties and (_has_near_tie(sel) or _has_near_tie(gscores))
             assert tie, f"token {t}: topk_ids {row} != expected {want}"
             want = row  # a legitimate near-tie: check the weights of the ids actually chosen
-        expected_w.append(naive_weights(s, want, scoring, renormalize, scale))
+        expected_w.append(naive_weights(s, want, scoring, renormalize, scale, L[t]))
     if check_weights:
         expected = torch.tensor(expected_w, dtype=torch.float64).reshape(T, k)
         assert_close("topk_weights", w, expected, rms_tol=tolerance(w.dtype))
@@ -439,7 +451,7 @@ def test_opcheck_topk_gating(device, use_bias, groups, scoring, with_stats):
     logits = torch.randn(6, 8, device=device, requires_grad=True)
     bias = _bias(8, scoring, device) if use_bias else None
     torch.library.opcheck(torch.ops.moe_kernels.topk_gating.default,
-                          (logits, bias, 3, scoring, True, groups, 2, 2.5, with_stats))
+                          (logits, bias, 3, scoring, True, groups, 2, 2.5, with_stats, 2 if use_bias else 1))
 
 
 def test_opcheck_topk_gating_backward(device):
@@ -461,9 +473,7 @@ def test_topk_gating_bad_arguments(device):
     with pytest.raises(TypeError, match="logits"):
         mk.topk_gating(x.tolist(), 2)
     with pytest.raises(ValueError, match="logits"):
-        mk.topk_gating(torch.randn(4, 8, 2, device=device), 2)
-    with pytest.raises(ValueError, match="logits"):
-        mk.topk_gating(torch.randn(8, device=device), 2)
+        mk.topk_gating(torch.tensor(1.0, device=device), 1)  # [..., E] needs at least the expert dim
     with pytest.raises(ValueError, match="logits"):
         mk.topk_gating(torch.randn(4, 0, device=device), 1)
     for k in (0, -1, 9):

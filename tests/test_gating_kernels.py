@@ -131,11 +131,31 @@ def test_topk_gating_fast_noncontiguous_logits(backend):
     assert_close("topk_weights", w, ew, rms_tol=1e-6)
 
 
-@pytest.mark.skipif("triton" not in FAST or not torch.cuda.is_available(), reason="torch.compile of a triton_op needs a GPU")
+def _schema_arity(op_name: str) -> int:
+    """Arguments of a moe_kernels op's schema: the live op when registered, else (the CUDA ops without
+    the extension) the schema text in csrc/torch_bindings.cpp."""
+    packet = getattr(torch.ops.moe_kernels, op_name, None) if hasattr(torch.ops, "moe_kernels") else None
+    if packet is not None:
+        return len(packet.default._schema.arguments)
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "csrc" / "torch_bindings.cpp").read_text()
+    joined = re.sub(r'"\s*"', "", text)  # join the C++ string literals split over lines
+    schema = re.search(rf'"({op_name}\(.*?\) -> [^"]*)"', joined).group(1)
+    return len(torch._C.parse_schema(schema).arguments)
+
+
 def test_topk_gating_triton_compile_and_opcheck():
-    logits = torch.randn(64, 128, device="cuda", requires_grad=True)
-    bias = torch.randn(128, device="cuda")
-    torch.library.opcheck(torch.ops.moe_kernels.topk_gating_triton.default, (logits, bias, 8, "sigmoid", True, 8, 4, 2.5))
+    """On a GPU: opcheck and torch.compile of the Triton op. Everywhere: the inputs are built and the
+    argument list matches the op's schema, so a broken test body fails on CPU too."""
+    logits = torch.randn(64, 128, device=DEV, requires_grad=True)
+    bias = torch.randn(128, device=DEV)
+    args = (logits, bias, 8, "sigmoid", True, 8, 4, 2.5, False, 2)
+    assert len(args) == _schema_arity("topk_gating_triton")
+    if "triton" not in FAST or not torch.cuda.is_available():
+        pytest.skip("opcheck / torch.compile of a triton_op need a GPU (CPU tracing: tests/test_dynamic_shapes.py)")
+    torch.library.opcheck(torch.ops.moe_kernels.topk_gating_triton.default, args)
     f = torch.compile(lambda x: mk.topk_gating(x, 8, backend="triton")[0].sum(), fullgraph=True, dynamic=True)
     for T in (17, 64):
         x = torch.randn(T, 128, device="cuda", requires_grad=True)
@@ -166,13 +186,31 @@ def test_gating_stats_fused(backend, scoring, groups):
     assert_close("grad logits", g_fused, g_plain, rms_tol=1e-5)
 
 
-@pytest.mark.skipif("cuda" not in FAST, reason="needs the CUDA extension and a GPU")
 def test_topk_gating_cuda_refusals_and_compile():
-    logits = torch.randn(32, 64, device="cuda")
+    """On a GPU with the extension: refusals, opcheck and torch.compile of the CUDA op. Everywhere: the
+    inputs and the argument list against the schema in csrc/torch_bindings.cpp."""
+    logits = torch.randn(32, 64, device=DEV)
+    args = (logits, None, 4, "softmax", True, 1, 1, 1.0, 1)
+    assert len(args) == _schema_arity("topk_gating_cuda")
+    if "cuda" not in FAST:
+        pytest.skip("needs the CUDA extension and a GPU")
     with pytest.raises(ValueError, match="num_groups <= 32"):
         mk.topk_gating(logits, 2, num_groups=64, topk_groups=2, backend="cuda")
     with pytest.raises(ValueError, match="triton kernel only"):
         mk.topk_gating(logits, 2, return_stats=True, backend="cuda")
-    torch.library.opcheck(torch.ops.moe_kernels.topk_gating_cuda.default, (logits, None, 4, "softmax", True, 1, 1, 1.0))
+    torch.library.opcheck(torch.ops.moe_kernels.topk_gating_cuda.default, args)
     f = torch.compile(lambda x: mk.topk_gating(x, 4, backend="cuda")[0], fullgraph=True)
     assert_close("compiled", f(logits), mk.topk_gating(logits, 4, backend="torch")[0], rms_tol=1e-6)
+
+
+def test_cuda_gating_backward_chosen_at_call_time(monkeypatch):
+    """The CUDA op's backward is looked up when backward runs: the Triton kernel once the triton backend
+    is there, the reference op otherwise (not frozen at import, before the Triton op exists)."""
+    from moe_kernels import _backends, _cuda
+
+    ok = _backends.BackendInfo("triton", True, "")
+    monkeypatch.setattr(_backends, "backends", lambda: {"triton": ok})
+    assert _cuda.gating_backward_op() is torch.ops.moe_kernels.topk_gating_backward_triton.default
+    gone = _backends.BackendInfo("triton", False, "not here")
+    monkeypatch.setattr(_backends, "backends", lambda: {"triton": gone})
+    assert _cuda.gating_backward_op() is torch.ops.moe_kernels.topk_gating_backward.default

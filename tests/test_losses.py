@@ -100,18 +100,18 @@ def test_expert_counts_noncontiguous(device):
         assert mk.expert_counts(ids, 12).tolist() == naive_counts(ids.tolist(), 12)
 
 
-def test_expert_counts_bad_arguments(device):
+def test_expert_counts_bad_arguments(device, monkeypatch):
     with pytest.raises(TypeError, match="topk_ids"):
         mk.expert_counts(torch.rand(3, 2, device=device), 4)
     with pytest.raises(ValueError, match="topk_ids"):
         mk.expert_counts(torch.zeros(6, dtype=torch.int32, device=device) + 1, 4)
     with pytest.raises(ValueError, match="num_experts"):
         mk.expert_counts(torch.ones(3, 2, dtype=torch.int32, device=device), 0)
-    if device.type == "cpu":  # value checks are free on CPU only
-        with pytest.raises(ValueError, match="topk_ids"):
-            mk.expert_counts(torch.tensor([[0, 4]], device=device), 4)
-        with pytest.raises(ValueError, match="topk_ids"):
-            mk.expert_counts(torch.tensor([[0, -2]], device=device), 4)
+    monkeypatch.setenv("MOE_KERNELS_CHECK_VALUES", "1")  # strict mode: out-of-range ids raise
+    with pytest.raises(ValueError, match="topk_ids"):
+        mk.expert_counts(torch.tensor([[0, 4]], device=device), 4)
+    with pytest.raises(ValueError, match="topk_ids"):
+        mk.expert_counts(torch.tensor([[0, -2]], device=device), 4)
 
 
 def test_expert_counts_backends(device):
@@ -211,7 +211,7 @@ def test_load_balancing_loss_gradcheck(device, scoring):
     assert torch.autograd.gradcheck(lambda x: mk.load_balancing_loss(x, ids, E, scoring=scoring), (logits,))
 
 
-def test_load_balancing_loss_bad_arguments(device):
+def test_load_balancing_loss_bad_arguments(device, monkeypatch):
     logits = torch.randn(4, 8, device=device)
     ids = random_ids(4, 2, 8, device)
     with pytest.raises(ValueError, match="logits"):
@@ -228,9 +228,9 @@ def test_load_balancing_loss_bad_arguments(device):
         mk.load_balancing_loss(logits, ids, 7)
     with pytest.raises(ValueError, match="scoring"):
         mk.load_balancing_loss(logits, ids, 8, scoring="tanh")
-    if device.type == "cpu":
-        with pytest.raises(ValueError, match="topk_ids"):
-            mk.load_balancing_loss(logits, ids + 8, 8)
+    monkeypatch.setenv("MOE_KERNELS_CHECK_VALUES", "1")  # strict mode: out-of-range ids raise
+    with pytest.raises(ValueError, match="topk_ids"):
+        mk.load_balancing_loss(logits, ids + 8, 8)
 
 
 def test_load_balancing_loss_mixed_devices():

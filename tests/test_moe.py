@@ -148,7 +148,8 @@ def test_fused_moe_opcheck():
         (dict(hidden=torch.randn(5, 16, device="meta")), ValueError, "device"),
     ],
 )
-def test_fused_moe_bad_input(change, err, match):
+def test_fused_moe_bad_input(change, err, match, monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_CHECK_VALUES", "1")  # strict mode: out-of-range ids raise
     args = dict(hidden=torch.randn(5, 16), w13=torch.randn(4, 16, 16), w2=torch.randn(4, 16, 8),
                 topk_weights=torch.rand(5, 2), topk_ids=torch.randint(0, 4, (5, 2)))
     args.update(change)

@@ -440,7 +440,7 @@ def test_opcheck_permute_unpermute_slot_dots(device):
 # ----- argument checks -------------------------------------------------------------------------------
 
 
-def test_plan_routing_bad_arguments(device):
+def test_plan_routing_bad_arguments(device, monkeypatch):
     ids = make_ids(4, 2, 8, device)
     with pytest.raises(ValueError, match="topk_ids"):
         mk.plan_routing(ids.flatten(), 8)
@@ -464,16 +464,16 @@ def test_plan_routing_bad_arguments(device):
         mk.plan_routing(ids, 4, expert_map=torch.zeros(2, 4, dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match="backend"):
         mk.plan_routing(ids, 8, backend="jax")
-    if device.type == "cpu":  # value checks
-        with pytest.raises(ValueError, match="topk_ids"):
-            mk.plan_routing(torch.tensor([[0, 8]], device=device), 8)
-        with pytest.raises(ValueError, match="topk_ids"):
-            mk.plan_routing(torch.tensor([[0, -2]], device=device), 8)
-        with pytest.raises(ValueError, match="expert_map"):
-            mk.plan_routing(ids, 4, expert_map=torch.full((8,), 4, dtype=torch.int32, device=device))
-        with pytest.raises(ValueError, match="topk_ids"):  # ids index the global map
-            mk.plan_routing(torch.tensor([[0, 6]], device=device), 4,
-                            expert_map=torch.zeros(6, dtype=torch.int32, device=device))
+    monkeypatch.setenv("MOE_KERNELS_CHECK_VALUES", "1")  # strict mode: out-of-range ids raise
+    with pytest.raises(ValueError, match="topk_ids"):
+        mk.plan_routing(torch.tensor([[0, 8]], device=device), 8)
+    with pytest.raises(ValueError, match="topk_ids"):
+        mk.plan_routing(torch.tensor([[0, -2]], device=device), 8)
+    with pytest.raises(ValueError, match="expert_map"):
+        mk.plan_routing(ids, 4, expert_map=torch.full((8,), 4, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="topk_ids"):  # ids index the global map
+        mk.plan_routing(torch.tensor([[0, 6]], device=device), 4,
+                        expert_map=torch.zeros(6, dtype=torch.int32, device=device))
 
 
 def test_plan_routing_mixed_devices():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from ._launch import DIRECT
+
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def identity_launch(kernel):
-    """Launch a jit kernel as it is (outside a ``torch.library.triton_op``, which passes ``wrap_triton``)."""
-    return kernel
+# The launch path outside a ``torch.library.triton_op`` (which passes ``Launcher(wrap_triton)``).
+identity_launch = DIRECT

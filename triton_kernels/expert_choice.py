@@ -12,10 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import identity_launch, next_pow2
+from ._utils import identity_launch
 from .gating import NAN_MONO
 
 MAX_CAPACITY = 2048  # the running top-C lives in registers
+CAPACITY_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)  # BLOCK_C: the smallest bucket that holds C
+
+
+def capacity_block(capacity) -> int:
+    """``BLOCK_C`` of a capacity: an explicit bucket (comparisons, so a symbolic capacity under
+    torch.compile gives one graph per bucket instead of being turned into a constant)."""
+    for b in CAPACITY_BUCKETS:
+        if capacity <= b:
+            return b
+    raise ValueError(f"expert_choice_gating: capacity {capacity} > {MAX_CAPACITY}")
 KEY_NONE = tl.constexpr(-(2**63))  # constexpr: read by jit code
 
 
@@ -79,6 +89,6 @@ def expert_choice_gating(logits, capacity, scoring, *, launch=identity_launch, e
     lse = torch.logsumexp(logits.float(), -1) if softmax else logits  # [T] per-token softmax normaliser
     launch(expert_choice_kernel)[(E,)](
         logits, lse, weights, ids, T, logits.stride(0), logits.stride(1), capacity,
-        SOFTMAX=softmax, BLOCK_C=max(next_pow2(capacity), 16),
+        SOFTMAX=softmax, BLOCK_C=capacity_block(capacity),
     )
     return weights, ids

@@ -33,7 +33,8 @@ from . import configs as _configs
 from ._utils import identity_launch, next_pow2
 from .grouped_gemm import ACTS, _activate, _dot, tile_schedule
 
-AMAX_FLOOR = 1e-10
+AMAX_FLOOR = tl.constexpr(1e-10)  # the amax floor (a zero group never divides by zero)
+FLOOR = 1e-10
 # Shared memory per program (bytes): the opt-in limit of each architecture (sm_90: 227 KB, sm_80: 163 KB).
 SMEM_LIMIT = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376}
 DEFAULT_SMEM = 101376
@@ -65,6 +66,31 @@ def _quantize(a, s, FP8_MAX: tl.constexpr, QTYPE: tl.constexpr, ROUND: tl.conste
 
 
 @triton.jit
+def _fp8_bits_to_f32(b, E5M2: tl.constexpr):
+    """fp8 values held as uint8 bits -> fp32, exactly (sm_80/sm_86 have no e4m3 type): sign, exponent and mantissa
+    moved into fp32's fields; subnormals as ``mantissa * 2^(1 - bias - mantissa bits)``; e4m3fn's S.1111.111 and
+    e5m2's exponent 31 become NaN / inf."""
+    b = b.to(tl.int32)
+    sign = (b >> 7) & 1
+    if E5M2:
+        exp = (b >> 2) & 0x1F
+        man = b & 3
+        normal = ((sign << 31) | ((exp + 112) << 23) | (man << 21)).to(tl.float32, bitcast=True)
+        sub = man.to(tl.float32) * 1.52587890625e-05  # 2^-16
+        special = exp == 31
+        special_val = tl.where(man == 0, float("inf"), float("nan"))
+    else:
+        exp = (b >> 3) & 0xF
+        man = b & 7
+        normal = ((sign << 31) | ((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)
+        sub = man.to(tl.float32) * 0.001953125  # 2^-9
+        special = (exp == 15) & (man == 7)
+        special_val = tl.full(b.shape, float("nan"), tl.float32)
+    v = tl.where(exp == 0, tl.where(sign == 1, -sub, sub), normal)
+    return tl.where(special, tl.where(sign == 1, -special_val, special_val), v)
+
+
+@triton.jit
 def act_scale_kernel(x_ptr, s_ptr, R, K, stride_xm, PER_TENSOR: tl.constexpr, FP8_MAX: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dynamic activation scales ``max(amax, 1e-10) / fmax`` of ``x [R, K]``: per row into ``s [R]``, or the
@@ -92,7 +118,8 @@ def fp8_grouped_gemm_kernel(
     stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_as, stride_be, stride_ym,
     HAS_SLOTS: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, A_MODE: tl.constexpr,
-    SCALE_IN_LOOP: tl.constexpr, OUT_AMAX: tl.constexpr, FP8_MAX: tl.constexpr, UPCAST: tl.constexpr,
+    SCALE_IN_LOOP: tl.constexpr, OUT_AMAX: tl.constexpr, FP8_MAX: tl.constexpr, W_BITS: tl.constexpr,
+    UPCAST: tl.constexpr,
     IEEE: tl.constexpr, ROUND_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -144,7 +171,10 @@ def fp8_grouped_gemm_kernel(
         if A_MODE == 0:  # weight-only: the exact fp8 -> bf16/fp16 conversion in registers
             if UPCAST:  # the interpreter multiplies bf16 bit patterns: upcast there
                 a = a.to(tl.float32)
-            b = b.to(a.dtype)
+            if W_BITS:
+                b = _fp8_bits_to_f32(b, FP8_MAX != 448.0).to(a.dtype)
+            else:
+                b = b.to(a.dtype)
         elif A_MODE == 2:  # per token and group of BLOCK_K columns, from the tile itself
             af = a.to(tl.float32)
             s_k = tl.maximum(tl.max(tl.abs(af), axis=1), AMAX_FLOOR) / FP8_MAX  # [BM]
@@ -163,7 +193,10 @@ def fp8_grouped_gemm_kernel(
         if GATED:
             bu = tl.load(u_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
             if A_MODE == 0:
-                bu = bu.to(a.dtype)
+                if W_BITS:
+                    bu = _fp8_bits_to_f32(bu, FP8_MAX != 448.0).to(a.dtype)
+                else:
+                    bu = bu.to(a.dtype)
             if SCALE_IN_LOOP:
                 sw_u = tl.load(s_e + u_srow + kb * stride_sk, mask=cmask, other=0.0)
                 part_u = _dot(a, bu, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
@@ -238,7 +271,14 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, gated: bool, bl
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 256 else 128
     bn = min(128, max(16, next_pow2(N)))
     bk = block_k if block_k is not None else min(128, max(32, next_pow2(K)))
-    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 8 if bm * bn >= 128 * 128 else 4, "num_stages": 4}
+    if tuple(capability) < (8, 9):  # weight-only: the fp8 decode of the weight tiles takes registers too
+        bn, bk = min(bn, 64), min(bk, 32 if gated else 64)
+    acc_tiles = bm * bn * (2 if gated else 1)  # fp32 accumulators, plus one partial each with block scales
+    if gated and bm * bn > 64 * 128:  # two 128x128 fp32 accumulators spill: halve the columns
+        bn //= 2
+        acc_tiles //= 2
+    warps = 8 if acc_tiles * (2 if block_k is not None else 1) >= 128 * 128 else 4
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 4}
     limit = SMEM_LIMIT.get(tuple(capability), DEFAULT_SMEM) - 8192  # room for the epilogue's layout conversion
     while cfg["num_stages"] > 2 and smem_bytes(cfg, a_bytes, gated) > limit:
         cfg["num_stages"] -= 1
@@ -263,7 +303,7 @@ def act_scales(x: torch.Tensor, per_tensor: bool, fmax: float, *, launch=identit
     """Dynamic activation scales of ``x [R, K]``: ``[R]`` per row, or ``[1]`` over all rows."""
     R, K = x.shape
     if per_tensor:
-        s = torch.full((1,), AMAX_FLOOR / fmax, dtype=torch.float32, device=x.device)
+        s = torch.full((1,), FLOOR / fmax, dtype=torch.float32, device=x.device)
     else:
         s = empty((R,), dtype=torch.float32, device=x.device)
     if R == 0:
@@ -277,13 +317,15 @@ def act_scales(x: torch.Tensor, per_tensor: bool, fmax: float, *, launch=identit
 def fp8_grouped_gemm(
     x, w_data, w_scale, block_n, block_k, expert_offsets, bias, sorted_slots, act_mode, act_scale, *, gather_top_k=0,
     activation="none", gated=False, row_weights=None, scale_input=False, scatter_slots=0, out_amax="", config=None,
-    launch=identity_launch, empty,
+    weight_bits=None, launch=identity_launch, empty,
 ):
     """Launcher. ``x [R, K]`` (``R`` tokens when gathering, else the plan's rows), ``w_data [E, n_w, K]`` fp8 with
     block scales ``w_scale [E, NB, KB]`` of ``block_n x block_k``; ``act_mode`` as in ``moe_kernels._quant_ops``,
     ``act_scale``: the static scale, or precomputed dynamic scales (``[R]`` per token, ``[1]`` per tensor).
     ``out_amax`` = ``"token"`` / ``"tensor"`` also returns the dynamic scales of the output (per row / over all
-    rows), for the next GEMM. Returns ``(y, out_scales or None)``; ``y`` as :func:`.grouped_gemm.grouped_gemm`."""
+    rows), for the next GEMM. ``weight_bits`` (default: on GPUs before sm_89) reads the weight-only path's fp8
+    weights as uint8 bits and decodes them in the kernel. Returns ``(y, out_scales or None)``; ``y`` as
+    :func:`.grouped_gemm.grouped_gemm`."""
     P = sorted_slots.shape[0] if sorted_slots is not None else x.shape[0]
     E, n_w, K = w_data.shape
     N = n_w // 2 if gated else n_w
@@ -292,7 +334,7 @@ def fp8_grouped_gemm(
     y = empty((scatter_slots if scatter else P, N), dtype=x.dtype, device=x.device)
     ys = None
     if out_amax:
-        ys = torch.full((P if out_amax == "token" else 1,), AMAX_FLOOR / fmax, dtype=torch.float32, device=x.device)
+        ys = torch.full((P if out_amax == "token" else 1,), FLOOR / fmax, dtype=torch.float32, device=x.device)
     if P == 0 or N == 0 or y.shape[0] == 0:
         return y, ys
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -308,6 +350,8 @@ def fp8_grouped_gemm(
         a_mode = 1
         if act_scale is None:
             act_scale = act_scales(x, mode == "tensor", fmax, launch=launch, empty=empty)
+    if weight_bits is None:
+        weight_bits = a_mode == 0 and _capability(x.device) < (8, 9)
     in_loop = kb_w > 1 or a_mode == 2
     need_bk = None
     if in_loop:
@@ -322,7 +366,7 @@ def fp8_grouped_gemm(
     grid = (max_tiles * triton.cdiv(N, bn),)
     bias = bias.contiguous() if bias is not None else None
     launch(fp8_grouped_gemm_kernel)[grid](
-        x, w_data, w_scale, act_scale if act_scale is not None else w_scale, bias if bias is not None else w_scale, y,
+        x, w_data.view(torch.uint8) if weight_bits else w_data, w_scale, act_scale if act_scale is not None else w_scale, bias if bias is not None else w_scale, y,
         ys if ys is not None else w_scale, sorted_slots if sorted_slots is not None else tile_seg,
         row_weights if row_weights is not None else w_scale, tile_seg, tile_row, ends, num_tiles,
         N, K, N, max(gather_top_k, 1), max_tiles, E, block_n, block_k,
@@ -332,7 +376,7 @@ def fp8_grouped_gemm(
         HAS_SLOTS=sorted_slots is not None, GATHER=gather_top_k > 0, SCATTER=scatter,
         IN_SCALE=row_weights is not None and scale_input, OUT_SCALE=row_weights is not None and not scale_input,
         HAS_BIAS=bias is not None, ACT=ACTS[activation], GATED=gated, A_MODE=a_mode, SCALE_IN_LOOP=in_loop,
-        OUT_AMAX={"": 0, "token": 1, "tensor": 2}[out_amax], FP8_MAX=fmax,
+        OUT_AMAX={"": 0, "token": 1, "tensor": 2}[out_amax], FP8_MAX=fmax, W_BITS=bool(weight_bits),
         UPCAST=_interpreting() and x.dtype == torch.bfloat16, IEEE=a_mode == 0 and x.dtype == torch.float32,
         ROUND_FP8=_interpreting(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -9,6 +9,7 @@ Flags of the one kernel (no twin kernels):
 - ``GATHER``: row r reads ``x[sorted_slots[r] // k]`` (token order) instead of ``x[r]``.
 - ``ACT``: a gated activation epilogue; the program computes the gate tile (rows ``[n, n+BN)`` of w)
   and the up tile (rows ``[I+n, ...)``) and writes ``act(gate) * up`` (bias added before the act).
+  ``INTERLEAVED``: gate and up rows alternate (gpt-oss): gate rows ``2n``, up rows ``2n+1``.
 - ``SCATTER``: write row r at its slot ``sorted_slots[r]`` (token order), for a deterministic
   reduction over the k slots afterwards; ``OUT_SCALE`` multiplies it by its routing weight first.
 - ``IN_SCALE``: scale the gathered rows by their routing weight before the product (Llama-4).
@@ -32,16 +33,17 @@ ACTS = {"none": 0, "silu": 1, "gelu": 2, "relu": 3, "swiglu_oai": 4}
 
 @triton.jit
 def _activate(g, u, ACT: tl.constexpr, GATED: tl.constexpr):
+    # max/min propagate NaN (the default drops it): a NaN token gives a NaN row, as the reference does
     if ACT == 4:  # gpt-oss: clamped gate and up, (up + 1) * gate * sigmoid(1.702 gate)
-        g = tl.minimum(g, 7.0)
-        u = tl.minimum(tl.maximum(u, -7.0), 7.0)
+        g = tl.minimum(g, 7.0, propagate_nan=tl.PropagateNan.ALL)
+        u = tl.minimum(tl.maximum(u, -7.0, propagate_nan=tl.PropagateNan.ALL), 7.0, propagate_nan=tl.PropagateNan.ALL)
         return (u + 1.0) * g * tl.sigmoid(1.702 * g)
     if ACT == 1:
         a = g * tl.sigmoid(g)
     elif ACT == 2:
         a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
     elif ACT == 3:
-        a = tl.maximum(g, 0.0)
+        a = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         a = g
     if GATED:
@@ -63,7 +65,7 @@ def grouped_gemm_kernel(
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
     HAS_SLOTS: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERLEAVED: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     m_tile = pid % num_m_tiles
@@ -94,10 +96,12 @@ def grouped_gemm_kernel(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + src[:, None] * stride_xm + ks[None, :] * stride_xk
     w_e = w_ptr + e * stride_we
-    g_ptrs = w_e + cols[None, :] * stride_wn + ks[:, None] * stride_wk  # [BK, BN]
+    g_rows = cols * 2 if INTERLEAVED else cols  # weight (and bias) rows of the gate
+    up_shift = 1 if INTERLEAVED else inter  # up row of gate row r: r + up_shift
+    g_ptrs = w_e + g_rows[None, :] * stride_wn + ks[:, None] * stride_wk  # [BK, BN]
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if GATED:
-        u_ptrs = g_ptrs + inter * stride_wn
+        u_ptrs = g_ptrs + up_shift * stride_wn
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kmask = (k0 + ks) < K
@@ -117,9 +121,9 @@ def grouped_gemm_kernel(
         a_ptrs += BLOCK_K * stride_xk
         g_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
-        acc_g += tl.load(bias_ptr + e * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(bias_ptr + e * stride_be + g_rows, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc_u += tl.load(bias_ptr + e * stride_be + inter + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(bias_ptr + e * stride_be + up_shift + g_rows, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if ACT != 0:
         if GATED:
             acc_g = _activate(acc_g, acc_u, ACT, GATED)
@@ -194,10 +198,10 @@ def tile_schedule(expert_offsets: torch.Tensor, num_rows: int, block_m: int):
 
 def grouped_gemm(
     x, w, expert_offsets, bias, sorted_slots, trans_w, *, gather_top_k=0, activation="none", gated=False,
-    row_weights=None, scale_input=False, scatter_slots=0, config=None, launch=identity_launch, empty,
+    interleaved=False, row_weights=None, scale_input=False, scatter_slots=0, config=None, launch=identity_launch, empty,
 ):
     """Launcher. ``w[e]`` is ``[N, K]`` (``trans_w``) or ``[K, N]``; N counts output columns (``inter``
-    for a gated activation, whose weight has ``2*inter`` rows). ``row_weights`` (per slot, ``[T*k]``)
+    for a gated activation, whose weight has ``2*inter`` rows, gate then up or ``interleaved``). ``row_weights`` (per slot, ``[T*k]``)
     scale the input rows (``scale_input``) or the output rows. Returns ``[P, N]`` in expert order, or
     ``[scatter_slots, N]`` in slot order when ``scatter_slots > 0`` (rows of dropped slots not written).
     ``config`` overrides the tile config (for tuning)."""
@@ -228,7 +232,7 @@ def grouped_gemm(
         IN_SCALE=row_weights is not None and scale_input, OUT_SCALE=row_weights is not None and not scale_input,
         HAS_BIAS=bias is not None,
         ACT=ACTS[activation], GATED=gated, UPCAST=_interpreting() and x.dtype == torch.bfloat16,
-        IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERLEAVED=bool(interleaved and gated),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y

@@ -6,7 +6,10 @@ Forward, for ``x [T, K]``, ``A [E, r, K]``, ``B [E, N, r]`` and a routing plan o
 2. expand: ``d = grouped_gemm(h, B)`` times each slot's ``scaling * w`` (``OUT_SCALE``), written at
    its slot (``SCATTER``): ``[S, N]`` in token order;
 3. ``add_slot_sums_kernel``: ``y[t] = base[t] + sum_j d[t*k + j]`` in fp32, j ascending, with
-   ``base = x @ W0.T + b0`` from torch (a dense GEMM). No atomics: deterministic, batch-invariant.
+   ``base = x @ W0.T + b0`` from torch (a dense GEMM). No atomics: deterministic. The tiles of the
+   grouped GEMM and cuBLAS's kernel for the base depend on T; in the batch-invariant mode
+   (``moe_kernels.batch_invariant``) the tiles are fixed and the base is the grouped GEMM with one
+   expert (``_dense``), so a token's output is bitwise independent of the batch.
 
 Backward reuses the same kernels with the weights read transposed (``trans_w=False``): the output
 gradient is gathered through the plan for ``g @ B[e]``, dX is scattered to slots and summed the same
@@ -23,6 +26,7 @@ import triton.language as tl
 from . import grouped_gemm as _gg
 from . import permute as _permute
 from . import plan as _plan
+from ..batch_invariance import is_batch_invariant
 from ._utils import identity_launch, next_pow2
 
 MAX_EXPERTS = 2047  # the plan kernel's limit
@@ -71,6 +75,15 @@ def add_slot_sums(base, rows, slot_to_row, top_k, *, launch=identity_launch, emp
     return out
 
 
+def _dense(x, weight, bias, trans_w, kw):
+    """``x @ W.T + b`` (``trans_w``, W [N, K]) or ``x @ W`` (W [K, N]): cuBLAS by default, in the
+    batch-invariant mode the grouped GEMM with one expert and fixed tiles (cuBLAS's choice depends on T)."""
+    if not is_batch_invariant():
+        return F.linear(x, weight, bias) if trans_w else x @ weight
+    offsets = torch.stack([x.new_zeros((), dtype=torch.int32), x.new_full((), x.shape[0], dtype=torch.int32)])
+    return _gg.grouped_gemm(x, weight[None], offsets, bias[None] if bias is not None else None, None, trans_w, **kw)
+
+
 def _plan_of(topk_ids, num_experts, kw):
     return _plan.plan_routing(topk_ids, num_experts, 1, None, None, **kw)
 
@@ -84,7 +97,7 @@ def lora_moe(x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk_ids, 
     w_slots = (topk_weights.float() * scaling).reshape(-1).contiguous()  # [S]
     h = _gg.grouped_gemm(x, lora_a, offsets, None, slots, True, gather_top_k=k, **kw)  # [S, r] expert order
     d = _gg.grouped_gemm(h, lora_b, offsets, None, slots, True, row_weights=w_slots, scatter_slots=T * k, **kw)  # [S, N]
-    return add_slot_sums(F.linear(x, base_weight, base_bias), d, slot_to_row, k, **kw)
+    return add_slot_sums(_dense(x, base_weight, base_bias, True, kw), d, slot_to_row, k, **kw)
 
 
 def lora_moe_backward(grad, x, base_weight, base_bias, lora_a, lora_b, topk_weights, topk_ids, scaling, needs, *,
@@ -105,7 +118,7 @@ def lora_moe_backward(grad, x, base_weight, base_bias, lora_a, lora_b, topk_weig
     out = [x.new_empty(0) for _ in range(6)]  # distinct tensors: outputs of an op may not alias
     if needs[0]:
         g_xs = _gg.grouped_gemm(g_h, lora_a, offsets, None, slots, False, scatter_slots=T * k, **kw)  # [S, K] slot order
-        out[0] = add_slot_sums(grad @ base_weight, g_xs, slot_to_row, k, **kw)
+        out[0] = add_slot_sums(_dense(grad, base_weight, None, False, kw), g_xs, slot_to_row, k, **kw)
     if needs[1]:
         out[1] = grad.t() @ x
     if needs[2]:

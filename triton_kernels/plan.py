@@ -92,7 +92,7 @@ def _pass(ids, expert_map, rank_in, num_experts, capacity, priority, final, offs
     T, k = ids.shape
     S, dev = T * k, ids.device
     block_e = max(next_pow2(num_experts + 1), 16)
-    n_prog = max(1, min(triton.cdiv(S, BLOCK), 1024))
+    n_prog = torch.sym_max(1, torch.sym_min(triton.cdiv(S, BLOCK), 1024))  # symbolic under torch.compile
     chunk = triton.cdiv(triton.cdiv(S, n_prog), BLOCK) * BLOCK
     n_prog = triton.cdiv(S, chunk)
     common = dict(PRIORITY=priority, HAS_MAP=expert_map is not None, HAS_CAP=rank_in is not None, BLOCK_E=block_e, BLOCK=BLOCK)
@@ -100,7 +100,9 @@ def _pass(ids, expert_map, rank_in, num_experts, capacity, priority, final, offs
     rank_arg = rank_in if rank_in is not None else ids
     n_global = expert_map.shape[0] if expert_map is not None else 0
     cap = capacity if capacity is not None else 0
-    hist = empty((n_prog, block_e), dtype=torch.int32, device=dev)
+    # One zero row past the programs' rows: the row count is never 1, which torch.compile would
+    # otherwise specialise on (one graph for the token counts with one program, one for the rest).
+    hist = torch.zeros((n_prog + 1, block_e), dtype=torch.int32, device=dev)
     launch(plan_hist_kernel)[(n_prog,)](ids, map_arg, rank_arg, hist, S, T, k, num_experts, n_global, cap, chunk, **common)
     base = (torch.cumsum(hist, 0, dtype=torch.int32) - hist).contiguous()  # [n_prog, BLOCK_E] exclusive over programs
     counts = hist.sum(0, dtype=torch.int32)[:num_experts]
@@ -137,3 +139,29 @@ def plan_routing(topk_ids, num_experts, block_size, capacity, expert_map, *, lau
 
     counts, offsets = _pass(ids, emap, rank, E, capacity, False, True, padded_offsets, (None, slot_to_row, sorted_slots), **kw)
     return sorted_slots, offsets, counts, slot_to_row
+
+
+def capacity_drop(topk_ids, num_experts, capacity, drop_policy, topk_weights, expert_map, *, launch=identity_launch,
+                  empty):
+    """Launcher of the ``position`` and ``probs`` capacity policies: ``topk_ids`` as int32 with -1 for every
+    slot whose (local) expert already holds ``capacity`` slots earlier in the policy's order; the plan pass
+    then runs without a capacity. One rank pass (in slot order, or over the ids gathered in weight order)."""
+    T, k = topk_ids.shape
+    S, dev = T * k, topk_ids.device
+    ids = topk_ids.contiguous()
+    if S == 0:
+        return ids.to(torch.int32)
+    emap = expert_map.contiguous() if expert_map is not None else None
+    order = None
+    if drop_policy == "position":
+        pass_ids = ids
+    else:  # the pass visits the slots in ``order``: a [1, S] id array in that order
+        w = topk_weights.reshape(-1)  # probs: highest weight first, NaN as -inf, ties to the lower slot
+        order = torch.sort(torch.where(torch.isnan(w), float("-inf"), w), descending=True, stable=True).indices
+        pass_ids = ids.reshape(-1).index_select(0, order).view(1, S)
+    rank = empty((S,), dtype=torch.int32, device=dev)
+    _pass(pass_ids, emap, None, num_experts, None, False, False, lambda c: None, (rank, None, None), launch=launch,
+          empty=empty)
+    if order is not None:
+        rank = torch.empty_like(rank).scatter_(0, order, rank)
+    return torch.where(rank.view(T, k) < capacity, ids.to(torch.int32), -1)

@@ -1,4 +1,17 @@
-"""Hugging Face transformers MoE blocks on moe_kernels: ``patch(model)`` and ``from_hf(block)``.
+"""Hugging Face transformers on moe_kernels: the ``"moe_kernels"`` experts implementation (``register()``), and
+``patch(model)`` / ``from_hf(block)`` for the fused router.
+
+``register()`` adds ``"moe_kernels"`` to transformers' experts registry (``ALL_EXPERTS_FUNCTIONS``, and the FP8
+one once moe_kernels has FP8 experts); then every MoE model whose experts class uses
+``@use_experts_implementation`` runs its experts on :func:`fused_moe` (see :mod:`.hf_experts`)::
+
+    >>> from moe_kernels.integrations.transformers import register
+    >>> register()
+    >>> model = AutoModelForCausalLM.from_pretrained(name, experts_implementation="moe_kernels")
+    >>> model.set_experts_implementation("moe_kernels")     # or switch a loaded model
+
+The registry hands the experts the router's decision; ``patch`` below also replaces the router, for the six
+families it knows.
 
 ``patch(model)`` replaces, in place, every sparse-MoE block of a transformers (>= 5.0, stacked expert weights)
 model by a :class:`MoEBlock` that routes with :func:`moe_kernels.topk_gating` and runs the experts with
@@ -59,7 +72,52 @@ from ..gating import topk_gating
 from ..moe import fused_moe
 from ..reference import OAI_ALPHA, OAI_LIMIT
 
-__all__ = ["FAMILIES", "Family", "KernelRouter", "MoEBlock", "Routing", "from_hf", "patch"]
+__all__ = ["FAMILIES", "Family", "KernelRouter", "MoEBlock", "Routing", "from_hf", "patch", "register"]
+
+EXPERTS_IMPLEMENTATION = "moe_kernels"
+FP8_MODULE = "moe_kernels.integrations.hf_fp8"  # moe_kernels' FP8 experts, when present
+FP8_EXPERTS_FORWARD = "fp8_experts_forward"  # its transformers FP8 experts forward
+
+
+def register(*, backend: str = "auto") -> list[str]:
+    """Register ``"moe_kernels"`` as a transformers experts implementation; idempotent.
+
+    ``backend`` is the moe_kernels backend of every experts call (``auto``: the fastest that serves the
+    tensors; the last ``register`` call decides).
+
+    Registers :func:`moe_kernels.integrations.hf_experts.experts_forward` in ``ALL_EXPERTS_FUNCTIONS`` and, when
+    the FP8 experts module of moe_kernels exists, its FP8 experts forward in ``ALL_FP8_EXPERTS_FUNCTIONS``.
+    Returns the names of the registries written. Raises ``ImportError`` when transformers (>= 5.0, with the
+    experts registry) is not installed.
+    """
+    import importlib
+    import importlib.util
+
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError as exc:
+        raise ImportError("register: transformers >= 5.0 (transformers.integrations.moe.ExpertsInterface) is needed "
+                          f"for the experts registry ({exc})") from exc
+    from . import hf_experts
+    from .hf_experts import experts_forward
+
+    if backend not in ("auto", "torch", "triton", "cuda"):
+        raise ValueError(f"register: backend must be one of ('auto', 'torch', 'triton', 'cuda'), got {backend!r}")
+    hf_experts.BACKEND = backend
+    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
+    written = ["ALL_EXPERTS_FUNCTIONS"]
+    fp8 = None
+    if importlib.util.find_spec(FP8_MODULE) is not None:
+        fp8 = getattr(importlib.import_module(FP8_MODULE), FP8_EXPERTS_FORWARD, None)
+    if fp8 is not None:
+        try:
+            from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+        except ImportError:
+            FP8ExpertsInterface = None
+        if FP8ExpertsInterface is not None:
+            FP8ExpertsInterface.register(EXPERTS_IMPLEMENTATION, fp8)
+            written.append("ALL_FP8_EXPERTS_FUNCTIONS")
+    return written
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,12 @@ expert_map     [E_global]   global -> local expert on this rank, -1 where the ex
 
 Differences from vLLM:
 
-- Unquantized experts only: ``use_fp8_w8a8``, ``use_int8_w8a8``, ``use_int8_w8a16``, ``use_int4_w4a16``,
-  ``per_channel_quant``, any scale or zero point, ``block_shape``, or a ``quant_config`` with a quantized dtype
-  raise ``ValueError``. Expert biases come from the ``w1_bias``/``w2_bias`` keywords or, as in newer vLLM, the
+- Unquantized and FP8 experts: ``use_fp8_w8a8=True`` (or a ``quant_config`` with fp8 ``quant_dtype``) takes
+  ``w1``/``w2`` in float8_e4m3fn with ``w1_scale``/``w2_scale`` as vLLM lays them out (per tensor ``[E]``,
+  per channel ``[E, N, 1]`` with ``per_channel_quant``, block ``[E, ceil(N/bn), ceil(K/bk)]`` with
+  ``block_shape=[bn, bk]``), without copies, and the static per-tensor ``a1_scale``/``a2_scale`` (dynamic
+  quantization when None: per token and ``bk`` columns for block scales, per token for per-channel, per tensor
+  otherwise). ``use_int8_w8a8``, ``use_int8_w8a16``, ``use_int4_w4a16`` and zero points raise ``ValueError``. Expert biases come from the ``w1_bias``/``w2_bias`` keywords or, as in newer vLLM, the
   fields of the same names of an unquantized ``quant_config``.
 - Activations ``silu``, ``gelu`` (exact), ``swigluoai``, ``silu_no_mul``, ``gelu_no_mul`` (strings, or an enum
   whose ``value``/``name`` is one of them); others raise ``ValueError``. ``swigluoai`` makes one
@@ -40,6 +43,13 @@ Differences from vLLM:
   deterministic.
 - ``fused_topk``: ties go to the lower expert index; ``token_expert_indices[t, j] = j * T + t`` as vLLM's
   kernel writes them.
+- ``fused_topk_bias`` and ``grouped_topk`` (DeepSeek-V2/V3 routing) take vLLM's names and positional order and
+  run :func:`moe_kernels.topk_gating`: ties go to the lower expert index (vLLM's ``torch.topk`` leaves them
+  unspecified), the group score is the best score of the group, or the sum of its two best biased scores with
+  a correction bias, as in vLLM. ``num_expert_group=0``/``topk_group=0`` mean no groups.
+- Expert ids of any integer dtype are accepted; ids outside ``[0, E)`` (vLLM's sentinels for other ranks'
+  experts) are dropped slots, on every backend. ``RoutingPlan.vllm_view()`` gives a plan in the layout of
+  ``moe_align_block_size`` and ``RoutingPlan.vllm_permute_view()`` the index maps of ``moe_permute``.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from .. import _checks
 from ..gating import topk_gating
 from ..moe import fused_moe
 
-__all__ = ["fused_experts", "fused_topk"]
+__all__ = ["fused_experts", "fused_topk", "fused_topk_bias", "grouped_topk"]
 
 # vLLM activation -> (fused_moe activation, gated)
 ACTIVATIONS = {
@@ -120,13 +130,27 @@ def fused_experts(
         >>> out = fused_experts(x, w1, w2, w, ids)
     """
     fn = "fused_experts"
+    if quant_config is not None and _fp8_config(quant_config):
+        use_fp8_w8a8 = True
+        w1_scale = w1_scale if w1_scale is not None else getattr(quant_config, "w1_scale", None)
+        w2_scale = w2_scale if w2_scale is not None else getattr(quant_config, "w2_scale", None)
+        a1_scale = a1_scale if a1_scale is not None else getattr(quant_config, "a1_scale", None)
+        a2_scale = a2_scale if a2_scale is not None else getattr(quant_config, "a2_scale", None)
+        block_shape = block_shape if block_shape is not None else getattr(quant_config, "block_shape", None)
+        per_channel_quant = per_channel_quant or bool(getattr(quant_config, "per_out_ch_quant", False))
+        w1_bias = w1_bias if w1_bias is not None else getattr(quant_config, "w1_bias", None)
+        w2_bias = w2_bias if w2_bias is not None else getattr(quant_config, "w2_bias", None)
+        quant_config = None
     given = dict(use_fp8_w8a8=use_fp8_w8a8, use_int8_w8a8=use_int8_w8a8, use_int8_w8a16=use_int8_w8a16,
                  use_int4_w4a16=use_int4_w4a16, per_channel_quant=per_channel_quant, w1_scale=w1_scale,
                  w2_scale=w2_scale, w1_zp=w1_zp, w2_zp=w2_zp, a1_scale=a1_scale, a2_scale=a2_scale,
                  block_shape=block_shape)
+    fp8 = bool(use_fp8_w8a8)
     for name in _QUANT_FLAGS + _QUANT_TENSORS:
+        if fp8 and name in _FP8_ARGS:
+            continue
         if given[name] not in (None, False):
-            raise ValueError(f"{fn}: {name} was given, but only unquantized experts are supported")
+            raise ValueError(f"{fn}: {name} was given, but only unquantized and FP8 (use_fp8_w8a8) experts are supported")
     if quant_config is not None:
         if getattr(quant_config, "quant_dtype", None) is not None or any(
                 getattr(quant_config, f, False) for f in _QUANT_FLAGS):
@@ -139,14 +163,82 @@ def fused_experts(
     if global_num_experts not in (-1, n_global):
         raise ValueError(f"{fn}: global_num_experts={global_num_experts} but "
                          f"{'expert_map' if expert_map is not None else 'w1'} has {n_global} experts")
-    if interleaved:
+    if fp8:  # QuantizedWeight views; swigluoai's w1 rows (and per-channel scales) de-interleaved there
+        w1, w2 = _fp8_weights(fn, w1, w2, w1_scale, w2_scale, block_shape, per_channel_quant, interleaved)
+    elif interleaved:
         w1 = _deinterleave(w1)
+    if interleaved:
         w1_bias = _deinterleave(w1_bias) if w1_bias is not None else None
+    extra = dict(a13_scale=_static(fn, "a1_scale", a1_scale), a2_scale=_static(fn, "a2_scale", a2_scale)) if fp8 else {}
     out = fused_moe(hidden_states, w1, w2, topk_weights, topk_ids, activation=kind, gated=gated, w13_bias=w1_bias,
                     w2_bias=w2_bias, apply_router_weight_on_input=apply_router_weight_on_input,
-                    expert_map=expert_map, backend=backend)
+                    expert_map=expert_map, backend=backend, **extra)
     if inplace:
         return hidden_states.copy_(out)
+    return out
+
+
+_FP8_ARGS = ("use_fp8_w8a8", "per_channel_quant", "w1_scale", "w2_scale", "a1_scale", "a2_scale", "block_shape")
+
+
+def _fp8_config(quant_config) -> bool:
+    """A vLLM ``FusedMoEQuantConfig`` (or look-alike) describing fp8 w8a8 experts."""
+    if getattr(quant_config, "use_fp8_w8a8", False):
+        return True
+    return getattr(quant_config, "quant_dtype", None) in (torch.float8_e4m3fn, "fp8")
+
+
+def _static(fn: str, name: str, s):
+    """vLLM's static per-tensor input scale (one element; fp32)."""
+    if s is None:
+        return None
+    if not isinstance(s, torch.Tensor) or s.numel() != 1:
+        got = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+        raise ValueError(f"{fn}: {name} must be a static per-tensor activation scale with one element, got {got}")
+    return s.reshape(1).float()
+
+
+def _fp8_weights(fn, w1, w2, w1_scale, w2_scale, block_shape, per_channel_quant, interleaved):
+    """QuantizedWeight views (no copies) of vLLM's fp8 ``w1``/``w2`` and their scales: per tensor ``[E]`` (or
+    ``[E, 1, 1]``), per channel ``[E, N, 1]`` (``per_channel_quant``), block ``[E, ceil(N/bn), ceil(K/bk)]``
+    (``block_shape=[bn, bk]``)."""
+    from ..quant import QuantizedWeight
+
+    if block_shape is not None and per_channel_quant:
+        raise ValueError(f"{fn}: block_shape and per_channel_quant are exclusive")
+    if block_shape is not None and (len(block_shape) != 2 or any(int(b) < 1 for b in block_shape)):
+        raise ValueError(f"{fn}: block_shape must be [block_n, block_k] with positive sizes, got {block_shape!r}")
+    out = []
+    for wname, w, sname, s in (("w1", w1, "w1_scale", w1_scale), ("w2", w2, "w2_scale", w2_scale)):
+        _checks.check_tensor(fn, wname, w, ndim=3, layout="[E, N, K]")
+        if w.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"{fn}: use_fp8_w8a8 needs {wname} in float8_e4m3fn, got {str(w.dtype).replace('torch.', '')}")
+        if s is None:
+            raise ValueError(f"{fn}: use_fp8_w8a8 needs {sname}, the inverse scales of {wname}")
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32:
+            raise ValueError(f"{fn}: {sname} must be a float32 tensor, got "
+                             f"{str(s.dtype).replace('torch.', '') if isinstance(s, torch.Tensor) else type(s).__name__}")
+        E, N, K = w.shape
+        if block_shape is None and not per_channel_quant and tuple(s.shape) == (E, 1, 1):
+            s = s.view(E)
+        if block_shape is None and not per_channel_quant and tuple(s.shape) != (E,):
+            raise ValueError(f"{fn}: per-tensor {sname} must have shape [E]={[E]} (or give per_channel_quant / "
+                             f"block_shape), got {list(s.shape)}")
+        if per_channel_quant and tuple(s.shape) not in ((E, N, 1), (E, N)):
+            raise ValueError(f"{fn}: per-channel {sname} must have shape [E, N, 1]={[E, N, 1]}, got {list(s.shape)}")
+        if per_channel_quant:
+            s = s.view(E, N, 1)
+        if interleaved and wname == "w1":
+            if block_shape is not None:
+                raise ValueError(f"{fn}: swigluoai's interleaved w1 rows cannot be reordered under block scales")
+            w = _deinterleave(w)
+            s = _deinterleave(s) if per_channel_quant else s
+        bs = (int(block_shape[0]), int(block_shape[1])) if block_shape is not None else None
+        try:
+            out.append(QuantizedWeight(data=w, scale=s, block_shape=bs))
+        except ValueError as exc:
+            raise ValueError(f"{fn}: {sname} does not fit {wname} of shape {list(w.shape)} with block_shape="
+                             f"{block_shape}: {exc}") from None
     return out
 
 
@@ -181,3 +273,78 @@ def fused_topk(
     slots = torch.arange(topk, dtype=torch.int32, device=ids.device)
     token_expert_indices = slots[None, :] * T + torch.arange(T, dtype=torch.int32, device=ids.device)[:, None]
     return weights, ids, token_expert_indices
+
+
+def _check_router(fn: str, hidden_states, gating_output) -> None:
+    _checks.check_tensor(fn, "hidden_states", hidden_states, ndim=2, layout="[T, H]")
+    _checks.check_tensor(fn, "gating_output", gating_output, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, E]")
+    if gating_output.shape[0] != hidden_states.shape[0]:
+        raise ValueError(f"{fn}: gating_output has {gating_output.shape[0]} tokens, hidden_states {hidden_states.shape[0]}")
+
+
+def fused_topk_bias(
+    hidden_states: torch.Tensor,
+    gating_output: torch.Tensor,
+    e_score_correction_bias,
+    topk,
+    renormalize,
+    scoring_func="softmax",
+    indices_type: torch.dtype | None = None,
+    *,
+    routed_scaling_factor: float = 1.0,
+    backend: str = "auto",
+):
+    """vLLM's ``fused_topk_bias``: top-k of ``scores + e_score_correction_bias`` (selection only), weights the
+    unbiased scores of the chosen experts, renormalised if asked, times ``routed_scaling_factor``.
+
+    ``(hidden_states, gating_output, e_score_correction_bias, topk, renormalize, scoring_func, indices_type)``
+    returns ``(topk_weights [T, k] fp32, topk_ids [T, k])``. Newer vLLM's order ``(hidden_states,
+    gating_output, scoring_func, e_score_correction_bias, topk, renormalize, indices_type)`` (recognised by
+    the string in third place) returns vLLM's third output too, ``token_expert_indices`` ``[T, k]`` int32. Example::
+
+        >>> w, ids = fused_topk_bias(x, router_logits, bias, 8, True, "sigmoid")
+    """
+    fn = "fused_topk_bias"
+    newer = isinstance(e_score_correction_bias, str)
+    if newer:  # (scoring_func, e_score_correction_bias, topk, renormalize, indices_type)
+        scoring_func, e_score_correction_bias, topk, renormalize, indices_type = (
+            e_score_correction_bias, topk, renormalize, scoring_func if not isinstance(scoring_func, str) else None,
+            indices_type)
+    _check_router(fn, hidden_states, gating_output)
+    weights, ids = topk_gating(gating_output.float(), topk, scoring=scoring_func, renormalize=bool(renormalize),
+                               correction_bias=e_score_correction_bias, scaling_factor=routed_scaling_factor,
+                               backend=backend)
+    if indices_type is not None:
+        ids = ids.to(indices_type)
+    if not newer:
+        return weights, ids
+    T = hidden_states.shape[0]
+    slots = torch.arange(topk, dtype=torch.int32, device=ids.device)
+    return weights, ids, slots[None, :] * T + torch.arange(T, dtype=torch.int32, device=ids.device)[:, None]
+
+
+def grouped_topk(
+    hidden_states: torch.Tensor,
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool,
+    num_expert_group: int = 0,
+    topk_group: int = 0,
+    scoring_func: str = "softmax",
+    routed_scaling_factor: float = 1.0,
+    e_score_correction_bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's ``grouped_topk`` (DeepSeek-V2/V3): experts in ``num_expert_group`` equal groups, only the
+    ``topk_group`` best groups eligible, then the top ``topk``; ``(topk_weights [T, k] fp32, topk_ids [T, k]
+    int32)``. Example::
+
+        >>> w, ids = grouped_topk(x, router_logits, 8, True, num_expert_group=8, topk_group=4,
+        ...                       scoring_func="sigmoid", routed_scaling_factor=2.5, e_score_correction_bias=bias)
+    """
+    fn = "grouped_topk"
+    _check_router(fn, hidden_states, gating_output)
+    return topk_gating(gating_output.float(), topk, scoring=scoring_func, renormalize=bool(renormalize),
+                       correction_bias=e_score_correction_bias, num_groups=max(int(num_expert_group), 1),
+                       topk_groups=max(int(topk_group), 1), scaling_factor=routed_scaling_factor, backend=backend)

@@ -39,16 +39,20 @@ struct Params {
   bool gated, gather, scatter, scale_input;
 };
 
+// max/min that propagate NaN (fmaxf/fminf return the other operand): a NaN token gives a NaN row.
+__device__ __forceinline__ float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+__device__ __forceinline__ float min_nan(float a, float b) { return (a != a || a < b) ? a : b; }
+
 __device__ __forceinline__ float activate(float g, float u, int act, bool gated) {
   if (act == kSwigluOai) {
-    g = fminf(g, 7.f);
-    u = fminf(fmaxf(u, -7.f), 7.f);
+    g = min_nan(g, 7.f);
+    u = min_nan(max_nan(u, -7.f), 7.f);
     return (u + 1.f) * g / (1.f + expf(-1.702f * g));
   }
   float a = g;
   if (act == kSilu) a = g / (1.f + expf(-g));
   else if (act == kGelu) a = 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
-  else if (act == kRelu) a = fmaxf(g, 0.f);
+  else if (act == kRelu) a = max_nan(g, 0.f);
   return gated ? a * u : a;
 }
 
@@ -117,6 +121,7 @@ __global__ void __launch_bounds__(kWarps * 32) small_gemm_kernel(Params p) {
       dst_row[m] = dst;
       row_w[m] = wt;
     }
+    __syncthreads();  // the row table is written before anyone reads it (with K = 0 no tile loop syncs)
     float acc_g[kColsPerWarp][kMaxRows], acc_u[kColsPerWarp][kMaxRows];
 #pragma unroll
     for (int c = 0; c < kColsPerWarp; ++c)
