@@ -179,3 +179,57 @@ def test_fused_moe_compiles_on_the_torch_path():
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     for T in (12, 7):
         torch.testing.assert_close(compiled(x[:T], tw[:T], ti[:T]), f(x[:T], tw[:T], ti[:T]))
+
+
+# ----- vLLM's fused_experts -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["int8", "int8_g32", "int4", "int4_zp", "int4_swigluoai"])
+def test_vllm_fused_experts(backend, case):
+    from moe_kernels.integrations import vllm
+
+    x, w13, w2, tw, ti, _, _ = moe_case(9, 64, 64, 4, 2)
+    fmt = "int4_zp" if case == "int4_swigluoai" else case
+    q13, q2 = q(w13, fmt), q(w2, fmt)
+    kw = dict(use_int8_w8a16=True) if fmt.startswith("int8") else dict(use_int4_w4a16=True)
+    if q13.group_size:
+        kw["block_shape"] = [0, q13.group_size]
+    activation = "swigluoai" if case == "int4_swigluoai" else "silu"
+    d1 = q13.data
+    s1, z1 = q13.scale, q13.zero
+    if activation == "swigluoai":  # vLLM holds gate/up rows interleaved: interleave what the reference reads
+        E, I2 = w13.shape[:2]
+        perm = torch.stack((torch.arange(I2 // 2), torch.arange(I2 // 2, I2)), 1).reshape(-1)
+        from moe_kernels.quant_int import pack_nibbles, unpack_nibbles
+        d1, s1 = d1[:, perm], s1[:, perm]
+        z1 = pack_nibbles(unpack_nibbles(z1.transpose(1, 2))[..., perm]).transpose(1, 2).contiguous()
+    y = vllm.fused_experts(x.half(), d1, q2.data, tw, ti, activation=activation, w1_scale=s1, w2_scale=q2.scale,
+                           w1_zp=z1, w2_zp=q2.zero, backend=backend, **kw)
+    expected = mk.fused_moe(x.half().double(), q13.dequantize(torch.float64), q2.dequantize(torch.float64), tw, ti,
+                            activation="swiglu_oai" if activation == "swigluoai" else "silu", backend="torch")
+    assert max_rel(y, expected) <= 1e-2
+
+
+def test_vllm_fused_experts_bad_inputs():
+    from moe_kernels.integrations import vllm
+
+    x, w13, w2, tw, ti, _, _ = moe_case(4, 64, 64, 4, 2)
+    q13, q2 = q(w13, "int4"), q(w2, "int4")
+    kw = dict(use_int4_w4a16=True, w1_scale=q13.scale, w2_scale=q2.scale)
+    with pytest.raises(ValueError, match="block_shape"):
+        vllm.fused_experts(x, q13.data, q2.data, tw, ti, **kw)
+    with pytest.raises(ValueError, match="block_shape"):
+        vllm.fused_experts(x, q13.data, q2.data, tw, ti, block_shape=[32, 32], **kw)
+    with pytest.raises(ValueError, match="w1_scale"):
+        vllm.fused_experts(x, q13.data, q2.data, tw, ti, block_shape=[0, 64], **kw)  # scales of groups of 32
+    with pytest.raises(ValueError, match="w2_scale"):
+        vllm.fused_experts(x, q13.data, q2.data, tw, ti, use_int4_w4a16=True, w1_scale=q13.scale, block_shape=[0, 32])
+    with pytest.raises(ValueError, match="w1"):
+        vllm.fused_experts(x, q13.data.view(torch.int8), q2.data, tw, ti, block_shape=[0, 32], **kw)
+    q8 = q(w13, "int8")
+    with pytest.raises(ValueError, match="w1_zp"):
+        vllm.fused_experts(x, q8.data, q(w2, "int8").data, tw, ti, use_int8_w8a16=True, w1_scale=q8.scale,
+                           w2_scale=q(w2, "int8").scale, w1_zp=torch.zeros(4, 64, 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="exclusive"):
+        vllm.fused_experts(x, q13.data, q2.data, tw, ti, use_int8_w8a16=True, block_shape=[0, 32], **kw)
