@@ -233,3 +233,26 @@ def test_vllm_fused_experts_bad_inputs():
                            w2_scale=q(w2, "int8").scale, w1_zp=torch.zeros(4, 64, 1, dtype=torch.uint8))
     with pytest.raises(ValueError, match="exclusive"):
         vllm.fused_experts(x, q13.data, q2.data, tw, ti, use_int8_w8a16=True, block_shape=[0, 32], **kw)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4_zp", "mxfp4"])
+def test_moe_quantize_(fmt):
+    moe = mk.MoE(64, 64, num_experts=4, top_k=2)
+    x = torch.randn(2, 5, 64)
+    kw = dict(FMTS[fmt])
+    name = kw.pop("fmt")
+    with torch.no_grad():
+        dense = moe(x)
+        q13 = mk.quantize(moe.w13, name, **kw)
+        assert moe.quantize_(name, **kw) is moe
+        out = moe(x)
+    assert isinstance(moe.w13, mk.QuantizedWeight) and moe.w13.fmt == name
+    assert torch.equal(moe.w13.dequantize(), q13.dequantize())
+    assert "w13_qdata" in moe.state_dict() and ("w13_qzero" in moe.state_dict()) == (q13.zero is not None)
+    assert 0 < max_rel(out, dense) < 0.2
+    moe.to(torch.float16)  # dtype casts leave packed data and scales as they are
+    assert moe.w13.data.dtype == q13.data.dtype and moe.w2.scale.dtype == q13.scale.dtype
+    with torch.no_grad():
+        assert max_rel(moe(x.half()), out) < 1e-2
+    with pytest.raises(RuntimeError, match="inference-only"):
+        moe(x.half().requires_grad_()).sum().backward()
