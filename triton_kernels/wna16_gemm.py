@@ -25,7 +25,7 @@ from .fp8_gemm import DEFAULT_SMEM, SMEM_LIMIT, _capability, _interpreting
 from .grouped_gemm import ACTS, _activate, _dot, tile_schedule
 
 FMT_IDS = {"int8": 0, "int4": 1, "mxfp4": 2}
-MIN_E8M0 = 5.877471754111438e-39  # 2^-127, the e8m0 code 0 (an fp32 subnormal)
+MIN_E8M0 = tl.constexpr(5.877471754111438e-39)  # 2^-127, the e8m0 code 0 (an fp32 subnormal)
 
 
 @triton.jit
@@ -163,6 +163,15 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, ga
     if group:
         bk = min(bk, group)
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 8 if bm * bn >= 128 * 128 else 4, "num_stages": 4}
+    # registers: the fp32 accumulators and the dequantized weight tiles live in registers together; the
+    # prefill tiles with 128 K columns per step, the gated prefill tile (two accumulators) and sm_80's 128x128
+    # tile (mma.sync keeps the accumulator in registers) spill when compiled for sm_90a / sm_80, so they shrink
+    if bm >= 64:  # prefill: 64 columns of K per step
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
+    if gated and bm >= 64:
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
+    if tuple(capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 64 * 128:
+        cfg["BLOCK_M"], cfg["num_warps"] = 64, 4
     limit = SMEM_LIMIT.get(tuple(capability), DEFAULT_SMEM) - 8192  # room for the epilogue's layout conversion
     while cfg["num_stages"] > 2 and smem_bytes(cfg, a_bytes, w_bits, gated) > limit:
         cfg["num_stages"] -= 1
