@@ -41,6 +41,7 @@ from .layer import MoE
 from .lora import LoRAMoE, lora_moe, wrap_linear
 from .moe import activation, fused_moe
 from .quant import QuantizedWeight, quantize
+from . import _quant_ops  # noqa: E402,F401  (the FP8 ops, registered at import: torch.compile never imports them)
 from .routing import RoutingPlan, expert_choice_plan, permute, plan_routing, unpermute
 from .stats import RoutingStatsAccumulator
 from .upcycle import DenseFFN

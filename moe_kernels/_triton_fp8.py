@@ -19,6 +19,7 @@ try:
     from torch.library import triton_op, wrap_triton
 
     from .triton_kernels import fp8_gemm as _fp8
+    from .triton_kernels._launch import Launcher
     from .triton_kernels import permute as _permute
     from .triton_kernels import plan as _plan
 except Exception:  # triton missing or broken: the triton backend reports why
@@ -30,6 +31,7 @@ def _empty(shape, dtype, device):
 
 
 if _fp8 is not None:
+    _LAUNCH = Launcher(wrap_triton)  # the one launch path (device guard, recorder hooks)
 
     @triton_op("moe_kernels::fp8_grouped_gemm_triton", mutates_args=())
     def fp8_grouped_gemm_triton(
@@ -37,7 +39,7 @@ if _fp8 is not None:
         bias: Optional[Tensor], sorted_slots: Optional[Tensor], act_mode: str, act_scale: Optional[Tensor],
     ) -> Tensor:
         return _fp8.fp8_grouped_gemm(x, w_data, w_scale, block_n, block_k, expert_offsets, bias, sorted_slots, act_mode,
-                                     act_scale, launch=wrap_triton, empty=_empty)[0]
+                                     act_scale, launch=_LAUNCH, empty=_empty)[0]
 
     @triton_op("moe_kernels::fp8_fused_moe_triton", mutates_args=())
     def fp8_fused_moe_triton(
@@ -52,7 +54,7 @@ if _fp8 is not None:
         return fp8_fused_moe_impl(hidden, w13_data, w13_scale, w13_bn, w13_bk, w2_data, w2_scale, w2_bn, w2_bk,
                                   topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
                                   apply_router_weight_on_input, capacity, expert_map, act_mode13, a13_scale, act_mode2,
-                                  a2_scale, launch=wrap_triton, empty=_empty)
+                                  a2_scale, launch=_LAUNCH, empty=_empty)
 
     def fp8_fused_moe_impl(hidden, w13_data, w13_scale, w13_bn, w13_bk, w2_data, w2_scale, w2_bn, w2_bk, topk_weights,
                            topk_ids, activation, gated, w13_bias, w2_bias, on_input, capacity, expert_map, act_mode13,

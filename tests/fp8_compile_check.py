@@ -118,14 +118,14 @@ def record_moe(H, I, E, k, T, layout, capability):
     slots = torch.empty(P, dtype=torch.int32, **meta)
     w13, s13, bn13, bk13 = weight(E, 2 * I, H, layout)
     w2, s2, bn2, bk2 = weight(E, H, I, layout)
-    cap = (capability // 10, capability % 10)
+    tgt = fp8_gemm.TARGETS[f"sm_{capability}"]
     mode = "none" if capability < 89 else {"block": "group", "channel": "token", "tensor": "tensor"}[layout]
     out_amax = mode if mode in ("token", "tensor") else ""
-    cfg1 = fp8_gemm.default_config(P, I, H, E, 2, True, 128 if layout == "block" else None, cap)
+    cfg1 = fp8_gemm.default_config(P, I, H, E, 2, True, 128 if layout == "block" else None, tgt)
     h, a2 = fp8_gemm.fp8_grouped_gemm(hidden, w13, s13, bn13, bk13, offsets, None, slots, mode, None, gather_top_k=k,
                                       activation="silu", gated=True, out_amax=out_amax, config=cfg1,
                                       weight_bits=capability < 89, launch=rec, empty=empty)
-    cfg2 = fp8_gemm.default_config(P, H, I, E, 2, False, 128 if layout == "block" else None, cap)
+    cfg2 = fp8_gemm.default_config(P, H, I, E, 2, False, 128 if layout == "block" else None, tgt)
     fp8_gemm.fp8_grouped_gemm(h, w2, s2, bn2, bk2, offsets, None, slots, mode, a2, row_weights=slots.float(),
                               scatter_slots=P, config=cfg2, weight_bits=capability < 89, launch=rec,
                               empty=empty)
@@ -137,7 +137,7 @@ def main(pattern: str = "") -> int:
     for name, (H, I, E, k), T, layout, capability in CASES:
         if pattern not in name:
             continue
-        limit = fp8_gemm.SMEM_LIMIT[(capability // 10, capability % 10)]
+        limit = fp8_gemm.TARGETS[f"sm_{capability}"].smem_per_block
         for gemm, (kernel, args, kwargs) in zip(("gemm1", "gemm2"), record_moe(H, I, E, k, T, layout, capability)):
             label = f"{name} {gemm} (BM={kwargs['BLOCK_M']} BN={kwargs['BLOCK_N']} BK={kwargs['BLOCK_K']} " \
                     f"warps={kwargs['num_warps']} stages={kwargs['num_stages']})"

@@ -30,14 +30,12 @@ import triton
 import triton.language as tl
 
 from . import configs as _configs
-from ._utils import identity_launch, next_pow2
+from ._launch import DIRECT, Target, TARGETS, target
+from ._utils import next_pow2
 from .grouped_gemm import ACTS, _activate, _dot, tile_schedule
 
 AMAX_FLOOR = tl.constexpr(1e-10)  # the amax floor (a zero group never divides by zero)
 FLOOR = 1e-10
-# Shared memory per program (bytes): the opt-in limit of each architecture (sm_90: 227 KB, sm_80: 163 KB).
-SMEM_LIMIT = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376}
-DEFAULT_SMEM = 101376
 
 
 @triton.jit
@@ -249,12 +247,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)
-    return (9, 0)
-
-
 def smem_bytes(cfg: dict, a_bytes: int, gated: bool) -> int:
     """Shared memory of the pipelined operand tiles: A ``[BM, BK]`` in its dtype, one or two fp8 ``[BK, BN]``
     weight tiles, per stage."""
@@ -263,10 +255,12 @@ def smem_bytes(cfg: dict, a_bytes: int, gated: bool) -> int:
 
 
 def default_config(M: int, N: int, K: int, E: int, a_bytes: int, gated: bool, block_k: int | None,
-                   capability: tuple[int, int]) -> dict:
-    """Heuristic tiles of the FP8 GEMM for one architecture: row tiles by rows per expert (decode: 16), 128-byte K
-    rows of fp8 (``BLOCK_K = 128``, or the block scale's ``bk`` where the loop needs it), and as many pipeline
-    stages (2-4) as the architecture's shared memory holds."""
+                   tgt: Target) -> dict:
+    """Heuristic tiles of the FP8 GEMM for one architecture (``_launch.Target``): row tiles by rows per expert
+    (decode: 16), 128-byte K rows of fp8 (``BLOCK_K = 128``, or the block scale's ``bk`` where the loop needs it),
+    as many pipeline stages (2-4) as the target's shared memory holds; on targets without fp8 tensor cores
+    (the weight-only path) narrower tiles, since decoding the weight tiles takes registers."""
+    capability = tgt.capability
     rows = max(1, M // max(E, 1))
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 256 else 128
     bn = min(128, max(16, next_pow2(N)))
@@ -279,7 +273,7 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, gated: bool, bl
         acc_tiles //= 2
     warps = 8 if acc_tiles * (2 if block_k is not None else 1) >= 128 * 128 else 4
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 4}
-    limit = SMEM_LIMIT.get(tuple(capability), DEFAULT_SMEM) - 8192  # room for the epilogue's layout conversion
+    limit = tgt.smem_per_block - 8192  # room for the epilogue's layout conversion
     while cfg["num_stages"] > 2 and smem_bytes(cfg, a_bytes, gated) > limit:
         cfg["num_stages"] -= 1
     while smem_bytes(cfg, a_bytes, gated) > limit and cfg["BLOCK_N"] > 32:
@@ -296,10 +290,10 @@ def get_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, 
         cfg = dict(tuned[min(tuned, key=lambda m: abs(m - M))])
         if block_k is None or cfg["BLOCK_K"] == block_k:
             return cfg
-    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, gated, block_k, _capability(device))
+    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, gated, block_k, target(device))
 
 
-def act_scales(x: torch.Tensor, per_tensor: bool, fmax: float, *, launch=identity_launch, empty) -> torch.Tensor:
+def act_scales(x: torch.Tensor, per_tensor: bool, fmax: float, *, launch=DIRECT, empty) -> torch.Tensor:
     """Dynamic activation scales of ``x [R, K]``: ``[R]`` per row, or ``[1]`` over all rows."""
     R, K = x.shape
     if per_tensor:
@@ -317,7 +311,7 @@ def act_scales(x: torch.Tensor, per_tensor: bool, fmax: float, *, launch=identit
 def fp8_grouped_gemm(
     x, w_data, w_scale, block_n, block_k, expert_offsets, bias, sorted_slots, act_mode, act_scale, *, gather_top_k=0,
     activation="none", gated=False, row_weights=None, scale_input=False, scatter_slots=0, out_amax="", config=None,
-    weight_bits=None, launch=identity_launch, empty,
+    weight_bits=None, launch=DIRECT, empty,
 ):
     """Launcher. ``x [R, K]`` (``R`` tokens when gathering, else the plan's rows), ``w_data [E, n_w, K]`` fp8 with
     block scales ``w_scale [E, NB, KB]`` of ``block_n x block_k``; ``act_mode`` as in ``moe_kernels._quant_ops``,
@@ -351,7 +345,7 @@ def fp8_grouped_gemm(
         if act_scale is None:
             act_scale = act_scales(x, mode == "tensor", fmax, launch=launch, empty=empty)
     if weight_bits is None:
-        weight_bits = a_mode == 0 and _capability(x.device) < (8, 9)
+        weight_bits = a_mode == 0 and target(x.device).capability < (8, 9)
     in_loop = kb_w > 1 or a_mode == 2
     need_bk = None
     if in_loop:
