@@ -16,6 +16,7 @@ try:
     from torch.library import triton_op, wrap_triton
 
     from .triton_kernels import permute as _permute
+    from .triton_kernels._launch import Launcher
     from .triton_kernels import plan as _plan
     from .triton_kernels import wna16_gemm as _wq
 except Exception:  # triton missing or broken: the triton backend reports why
@@ -27,6 +28,7 @@ def _empty(shape, dtype, device):
 
 
 if _wq is not None:
+    _LAUNCH = Launcher(wrap_triton)  # the one launch path (device guard, recorder hooks)
 
     @triton_op("moe_kernels::wna16_grouped_gemm_triton", mutates_args=())
     def wna16_grouped_gemm_triton(
@@ -34,7 +36,7 @@ if _wq is not None:
         expert_offsets: Tensor, bias: Optional[Tensor], sorted_slots: Optional[Tensor],
     ) -> Tensor:
         return _wq.wna16_grouped_gemm(x, w_data, w_scale, w_zero, fmt, group_size, expert_offsets, bias, sorted_slots,
-                                      launch=wrap_triton, empty=_empty)
+                                      launch=_LAUNCH, empty=_empty)
 
     @triton_op("moe_kernels::wna16_fused_moe_triton", mutates_args=())
     def wna16_fused_moe_triton(
@@ -47,7 +49,7 @@ if _wq is not None:
         slots) -> sum over the k slots."""
         return wna16_fused_moe_impl(hidden, w13_data, w13_scale, w13_zero, w2_data, w2_scale, w2_zero, fmt, w13_group,
                                     w2_group, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
-                                    apply_router_weight_on_input, capacity, expert_map, launch=wrap_triton,
+                                    apply_router_weight_on_input, capacity, expert_map, launch=_LAUNCH,
                                     empty=_empty)
 
     def wna16_fused_moe_impl(hidden, w13_data, w13_scale, w13_zero, w2_data, w2_scale, w2_zero, fmt, w13_group,

@@ -53,7 +53,7 @@ def record_moe(H, I, E, k, T, fmt, g, zp, capability):
     hidden = torch.empty(T, H, dtype=torch.bfloat16, device="meta")
     offsets = torch.empty(E + 1, dtype=torch.int32, device="meta")
     slots = torch.empty(P, dtype=torch.int32, device="meta")
-    cap = (capability // 10, capability % 10)
+    cap = fp8_gemm.TARGETS[f"sm_{capability}"]
     bits = 8 if fmt == "int8" else 4
     d13, s13, z13 = weight(E, 2 * I, H, fmt, g, zp)
     d2, s2, z2 = weight(E, H, I, fmt, g, zp)
@@ -71,7 +71,7 @@ def main(pattern: str = "") -> int:
     for name, (H, I, E, k), T, fmt, g, zp, capability in CASES:
         if pattern not in name:
             continue
-        limit = fp8_gemm.SMEM_LIMIT[(capability // 10, capability % 10)]
+        limit = fp8_gemm.TARGETS[f"sm_{capability}"].smem_per_block
         for gemm, (kernel, args, kwargs) in zip(("gemm1", "gemm2"), record_moe(H, I, E, k, T, fmt, g, zp, capability)):
             label = f"{name} {gemm} (BM={kwargs['BLOCK_M']} BN={kwargs['BLOCK_N']} BK={kwargs['BLOCK_K']} " \
                     f"warps={kwargs['num_warps']} stages={kwargs['num_stages']})"

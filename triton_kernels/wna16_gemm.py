@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 
 from . import configs as _configs
-from ._utils import identity_launch, next_pow2
-from .fp8_gemm import DEFAULT_SMEM, SMEM_LIMIT, _capability, _interpreting
+from ._launch import DIRECT, Target, target
+from ._utils import next_pow2
+from .fp8_gemm import _interpreting
 from .grouped_gemm import ACTS, _activate, _dot, tile_schedule
 
 FMT_IDS = {"int8": 0, "int4": 1, "mxfp4": 2}
@@ -153,7 +154,7 @@ def smem_bytes(cfg: dict, a_bytes: int, w_bits: int, gated: bool) -> int:
 
 
 def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, gated: bool, group: int,
-                   capability: tuple[int, int]) -> dict:
+                   tgt: Target) -> dict:
     """Heuristic tiles for one architecture: row tiles by rows per expert (decode: 16), ``BLOCK_K`` up to 128 and
     dividing the scale group, and as many stages (2-4) as the architecture's shared memory holds."""
     rows = max(1, M // max(E, 1))
@@ -170,9 +171,9 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, ga
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
     if gated and bm >= 64:
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
-    if tuple(capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 64 * 128:
+    if tuple(tgt.capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 64 * 128:
         cfg["BLOCK_M"], cfg["num_warps"] = 64, 4
-    limit = SMEM_LIMIT.get(tuple(capability), DEFAULT_SMEM) - 8192  # room for the epilogue's layout conversion
+    limit = tgt.smem_per_block - 8192  # room for the epilogue's layout conversion
     while cfg["num_stages"] > 2 and smem_bytes(cfg, a_bytes, w_bits, gated) > limit:
         cfg["num_stages"] -= 1
     while smem_bytes(cfg, a_bytes, w_bits, gated) > limit and cfg["BLOCK_N"] > 32:
@@ -189,13 +190,13 @@ def get_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, 
         cfg = dict(tuned[min(tuned, key=lambda m: abs(m - M))])
         if not group or group % cfg["BLOCK_K"] == 0:
             return cfg
-    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, w_bits, gated, group, _capability(device))
+    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, w_bits, gated, group, target(device))
 
 
 def wna16_grouped_gemm(
     x, w_data, w_scale, w_zero, fmt, group_size, expert_offsets, bias, sorted_slots, *, gather_top_k=0,
     activation="none", gated=False, row_weights=None, scale_input=False, scatter_slots=0, config=None,
-    launch=identity_launch, empty,
+    launch=DIRECT, empty,
 ):
     """Launcher. ``x [R, K]`` (``R`` tokens when gathering, else the plan's rows); ``w_data``, ``w_scale``,
     ``w_zero`` in the layout of ``fmt`` with ``group_size`` (0: per-channel scales ``[E, N]``). Other arguments
