@@ -256,3 +256,26 @@ def test_moe_quantize_(fmt):
         assert max_rel(moe(x.half()), out) < 1e-2
     with pytest.raises(RuntimeError, match="inference-only"):
         moe(x.half().requires_grad_()).sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mxfp4_e8m0_edge_codes(backend):
+    """e8m0 code 255 is NaN (it reaches exactly the outputs of its row), codes 1 and 254 are 2^-126 and 2^127."""
+    qw = q(torch.randn(2, 16, 64, device=DEV), "mxfp4")
+    scale = qw.scale.clone()
+    scale[1, 3, 1] = 255
+    scale[0, 5, 0] = 254
+    scale[0, 5, 1] = 1
+    data = qw.data.clone()
+    data[0, 5] = 0x11  # 0.5 everywhere: 0.5 * 2^127 stays finite in fp32
+    edge = mk.QuantizedWeight(data=data, scale=scale, fmt="mxfp4")
+    d = edge.dequantize()
+    assert torch.isnan(d[1, 3, 32:]).all() and not torch.isnan(d[1, 3, :32]).any()
+    assert d[0, 5, 0] == 2.0 ** 126 and d[0, 5, 32] == 2.0 ** -127
+    x = torch.randn(6, 64, device=DEV) * 1e-30  # keeps row 5 of expert 0 finite in fp32
+    y = mk.grouped_gemm(x, edge, offsets_of([3, 3]), backend=backend)
+    assert torch.isnan(y[3:, 3]).all() and not torch.isnan(y[:3]).any()
+    expected = mk.grouped_gemm(x.double(), edge.dequantize(torch.float64), offsets_of([3, 3]), backend="torch")
+    finite = ~torch.isnan(expected)
+    assert torch.equal(finite, ~torch.isnan(y))
+    assert max_rel(y[finite], expected[finite]) <= 1e-5
