@@ -72,14 +72,13 @@ RENORM_EPS = 1e-20  # sigmoid / sqrtsoftplus renormalisation: w / (sum + eps), a
 def safe_softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim under the non-finite rule: a NaN weighs 0 and is left out of the
     normaliser; when a row has +inf entries they share the mass equally (the limit of softmax) and
-    the rest weigh 0; a row with neither a finite nor a +inf entry weighs 0 everywhere. Never 0/0."""
+    the rest weigh 0; a row with neither a finite nor a +inf entry weighs 0 everywhere. Never 0/0.
+    Rows of finite numbers get ``torch.softmax`` itself, bit for bit (what transformers and vLLM use)."""
     x = torch.where(torch.isnan(x), float("-inf"), x)
     m = x.amax(-1, keepdim=True)
-    z = torch.where(m == float("inf"), torch.where(x == float("inf"), 0.0, float("-inf")),
-                    x - torch.where(torch.isfinite(m), m, 0.0))
-    e = torch.exp(z)
-    d = e.sum(-1, keepdim=True)
-    return e / torch.where(d > 0, d, 1.0)
+    inf = x == float("inf")
+    limit = inf.to(x.dtype) / inf.sum(-1, keepdim=True).clamp(min=1).to(x.dtype)  # +inf rows; 0 on all -inf rows
+    return torch.where(torch.isfinite(m), torch.softmax(x, -1), limit)
 
 
 def scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
