@@ -42,6 +42,7 @@ from .lora import LoRAMoE, lora_moe, wrap_linear
 from .moe import activation, fused_moe
 from .quant import QuantizedWeight, quantize
 from . import _quant_ops  # noqa: E402,F401  (the FP8 ops, registered at import: torch.compile never imports them)
+from . import _wna16_ops  # noqa: E402,F401  (the int8 / int4 / mxfp4 ops, registered at import)
 from .routing import RoutingPlan, expert_choice_plan, permute, plan_routing, unpermute
 from .stats import RoutingStatsAccumulator
 from .upcycle import DenseFFN

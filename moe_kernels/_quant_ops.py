@@ -17,6 +17,7 @@ from torch.library import custom_op
 from . import _backends, _checks
 from . import reference as ref
 from .quant import FP8_FORMATS, QuantizedWeight, dequantize_blocks, fake_quantize_activation
+from .quant_int import INT_FORMATS
 from .routing import RoutingPlan
 
 ACT_MODES = ("group", "token", "tensor", "static", "none")
@@ -173,6 +174,11 @@ def grouped_gemm(x_sorted, w: QuantizedWeight, plan_or_offsets, *, bias=None, we
                  activation_scale=None, backend="auto") -> Tensor:
     """``moe_kernels.grouped_gemm`` with a QuantizedWeight (see there)."""
     fn = "grouped_gemm"
+    if isinstance(w, QuantizedWeight) and w.fmt in INT_FORMATS:
+        from . import _wna16_ops
+
+        return _wna16_ops.grouped_gemm(x_sorted, w, plan_or_offsets, bias=bias, weight_layout=weight_layout,
+                                       activation_scale=activation_scale, backend=backend)
     if weight_layout != "nk":
         raise ValueError(f"{fn}: a QuantizedWeight is [E, N, K] (weight_layout='nk'), got weight_layout={weight_layout!r}")
     _checks.check_tensor(fn, "x_sorted", x_sorted, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[P, K]")
@@ -195,6 +201,13 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13
               gate_up_interleaved=False) -> Tensor:
     """``moe_kernels.fused_moe`` with QuantizedWeight experts (see there); checks as for dense weights."""
     fn = "fused_moe"
+    if isinstance(w13, QuantizedWeight) and w13.fmt in INT_FORMATS:
+        from . import _wna16_ops
+
+        return _wna16_ops.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation=activation, gated=gated,
+                                    w13_bias=w13_bias, w2_bias=w2_bias,
+                                    apply_router_weight_on_input=apply_router_weight_on_input, capacity=capacity,
+                                    expert_map=expert_map, a13_scale=a13_scale, a2_scale=a2_scale, backend=backend)
     f = _checks.FLOAT_DTYPES
     _checks.check_tensor(fn, "hidden", hidden, ndim=2, dtypes=f, layout="[T, H]")
     T, H = hidden.shape

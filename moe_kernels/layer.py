@@ -300,12 +300,14 @@ class MoE(nn.Module):
         self.aux_loss = aux
         return out.reshape(shape)
 
-    def quantize_(self, fmt: str = "fp8", *, block_shape=None, per_channel: bool = False) -> "MoE":
+    def quantize_(self, fmt: str = "fp8", *, block_shape=None, per_channel: bool = False, group_size=None,
+                  zero_point: bool = False) -> "MoE":
         """Quantize the routed experts' ``w13`` and ``w2`` in place (:func:`moe_kernels.quantize`; inference only:
         a backward through them raises). Afterwards ``self.w13`` / ``self.w2`` are :class:`QuantizedWeight` values
         over buffers ``w13_qdata``/``w13_qscale`` (and ``w2_*``), held as bit views (uint8 / int32) so that the
         module's dtype casts (``.half()``, ``.to(torch.bfloat16)``) leave them untouched while device moves and
-        ``state_dict`` carry them. Router, biases and shared experts stay dense. Returns ``self``.
+        ``state_dict`` carry them. Router, biases and shared experts stay dense. Returns ``self``. Weight-only
+        formats (``"int8"``, ``"int4"``, ``"mxfp4"``) take ``group_size`` / ``zero_point`` and add ``*_qzero``.
 
         Example::
 
@@ -320,11 +322,14 @@ class MoE(nn.Module):
                 raise ValueError(f"MoE.quantize_: {name} is already quantized")
         quant = {}
         for name in ("w13", "w2"):
-            q = quantize(getattr(self, name).detach(), fmt, block_shape=block_shape, per_channel=per_channel)
+            q = quantize(getattr(self, name).detach(), fmt, block_shape=block_shape, per_channel=per_channel,
+                         group_size=group_size, zero_point=zero_point)
             delattr(self, name)
             self.register_buffer(f"{name}_qdata", q.data.view(torch.uint8))
-            self.register_buffer(f"{name}_qscale", q.scale.view(torch.int32))
-            quant[name] = (q.fmt, q.block_shape, q.orig_dtype, q.data.dtype)
+            self.register_buffer(f"{name}_qscale", q.scale.view(torch.int32) if q.scale.dtype == torch.float32 else q.scale)
+            if q.zero is not None:
+                self.register_buffer(f"{name}_qzero", q.zero)
+            quant[name] = (q.fmt, q.block_shape, q.orig_dtype, q.data.dtype, q.group_size, q.scale.dtype)
         self._quant = quant
         return self
 
@@ -333,10 +338,11 @@ class MoE(nn.Module):
         if quant and name in quant:
             from .quant import QuantizedWeight
 
-            fmt, block_shape, orig_dtype, dtype = quant[name]
+            fmt, block_shape, orig_dtype, dtype, group_size, scale_dtype = quant[name]
+            zero = self._buffers.get(f"{name}_qzero")
             return QuantizedWeight(data=getattr(self, f"{name}_qdata").view(dtype),
-                                   scale=getattr(self, f"{name}_qscale").view(torch.float32), fmt=fmt,
-                                   block_shape=block_shape, orig_dtype=orig_dtype)
+                                   scale=getattr(self, f"{name}_qscale").view(scale_dtype), fmt=fmt,
+                                   block_shape=block_shape, zero=zero, group_size=group_size, orig_dtype=orig_dtype)
         return super().__getattr__(name)
 
     @staticmethod

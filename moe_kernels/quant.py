@@ -21,7 +21,7 @@ These are vLLM's layouts (``w13_weight_scale`` / ``w13_weight_scale_inv``), so c
 without copies. ``quantize`` computes each scale as ``max(amax, 1e-10) / fmax`` over its group (``fmax`` =
 448 for e4m3fn, 57344 for e5m2), so a zero block never divides by zero, and rounds ``w / scale`` to nearest
 even, saturating at ``+-fmax``. The type is ready for integer and microscaling formats (``zero`` points,
-``group_size``); those formats are not built yet.
+``group_size``): the weight-only ``int8``, ``int4`` and ``mxfp4`` formats of :mod:`moe_kernels.quant_int`.
 
 Activations of an FP8 GEMM are quantized dynamically by default, with the same rounding:
 
@@ -42,8 +42,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import quant_int
+from .quant_int import INT_FORMATS
+
 FP8_FORMATS = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-FORMATS = tuple(FP8_FORMATS)  # formats of QuantizedWeight (integer and MX formats join this tuple)
+FORMATS = tuple(FP8_FORMATS) + INT_FORMATS  # formats of QuantizedWeight
 AMAX_FLOOR = 1e-10
 
 
@@ -65,10 +68,11 @@ class QuantizedWeight:
     data         packed values (fp8: ``[E, N, K]`` float8_e4m3fn / float8_e5m2)
     scale        fp32 inverse scales: ``[E]`` (per tensor), ``[E, N, 1]`` (per channel) or
                  ``[E, ceil(N/bn), ceil(K/bk)]`` (block)
-    fmt          ``"fp8"`` or ``"fp8_e5m2"``
+    fmt          ``"fp8"``, ``"fp8_e5m2"``, or weight-only ``"int8"``, ``"int4"``, ``"mxfp4"`` (layouts in
+                 :mod:`moe_kernels.quant_int`: packed data, fp32 or e8m0 scales ``[E, N]`` / ``[E, N, K/g]``)
     block_shape  ``(bn, bk)`` for block scales, else None
-    zero         zero points (None; integer formats)
-    group_size   scales per group of K columns (None; integer formats)
+    zero         int4 zero points ``[E, N/2, K/g]`` uint8 (None: symmetric)
+    group_size   ``g``, elements of K per scale (int4, mxfp4 = 32, group-wise int8; None: per channel)
     shape        the dense ``(E, N, K)`` (default: from ``data``)
     orig_dtype   dtype the weight was quantized from (``dequantize()``'s default; None: float32)
     ============ ========================================================================================
@@ -94,6 +98,8 @@ class QuantizedWeight:
         for name in ("data", "scale"):
             if not isinstance(getattr(self, name), torch.Tensor):
                 raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
+        if self.fmt in INT_FORMATS:  # int8 / int4 / mxfp4: see moe_kernels.quant_int
+            return quant_int.validate(self)
         want = FP8_FORMATS[self.fmt]
         if self.data.dtype != want or self.data.dim() != 3:
             raise ValueError(f"{fn}: data of fmt={self.fmt!r} must be a 3-D [E, N, K] {str(want).replace('torch.', '')} "
@@ -127,6 +133,8 @@ class QuantizedWeight:
     @property
     def layout(self) -> str:
         """``"tensor"``, ``"channel"`` or ``"block"``."""
+        if self.fmt in INT_FORMATS:
+            return "group" if self.group_size else "channel"
         if self.block_shape is not None:
             return "block"
         return "tensor" if self.scale.dim() == 1 else "channel"
@@ -166,6 +174,9 @@ class QuantizedWeight:
         (fp64 when asked for fp64)."""
         dtype = dtype or self.orig_dtype or torch.float32
         acc = torch.promote_types(dtype, torch.float32)
+        if self.fmt in INT_FORMATS:
+            return quant_int.dequantize_raw(self.fmt, self.data, self.scale, self.zero, self.group_size or 0,
+                                            acc).to(dtype)
         scale, bn, bk = self.scale_blocks()
         E, N, K = self.shape
         s = scale.to(acc).repeat_interleave(bn, 1)[:, :N].repeat_interleave(bk, 2)[:, :, :K]
@@ -173,15 +184,19 @@ class QuantizedWeight:
 
     def to(self, device) -> "QuantizedWeight":
         """The same weight on ``device``."""
-        return QuantizedWeight(self.data.to(device), self.scale.to(device), self.fmt, self.block_shape, None, None,
-                               self.shape, self.orig_dtype)
+        zero = self.zero.to(device) if self.zero is not None else None
+        return QuantizedWeight(self.data.to(device), self.scale.to(device), self.fmt, self.block_shape, zero,
+                               self.group_size, self.shape, self.orig_dtype)
 
     def __repr__(self) -> str:
         bs = f", block_shape={self.block_shape}" if self.block_shape else ""
+        bs += f", group_size={self.group_size}" if self.group_size else ""
+        bs += ", zero points" if self.zero is not None else ""
         return f"QuantizedWeight(fmt={self.fmt!r}, shape={self.shape}, layout={self.layout!r}{bs}, device={self.device})"
 
 
-def quantize(w: torch.Tensor, fmt: str = "fp8", *, block_shape=None, per_channel: bool = False) -> QuantizedWeight:
+def quantize(w: torch.Tensor, fmt: str = "fp8", *, block_shape=None, per_channel: bool = False,
+             group_size: int | None = None, zero_point: bool = False) -> QuantizedWeight:
     """Quantize a dense per-expert weight ``w [E, N, K]`` (nn.Linear layout) into a :class:`QuantizedWeight`.
 
     ``fmt="fp8"`` (e4m3fn) or ``"fp8_e5m2"``: per-tensor scales ``[E]`` by default, per-channel ``[E, N, 1]``
@@ -191,14 +206,25 @@ def quantize(w: torch.Tensor, fmt: str = "fp8", *, block_shape=None, per_channel
         >>> qw = quantize(torch.randn(8, 256, 128), "fp8", block_shape=(128, 128))
         >>> qw.scale.shape
         torch.Size([8, 2, 1])
+
+    Weight-only formats (:mod:`moe_kernels.quant_int` gives the layouts): ``"int8"`` per channel (scales ``[E, N]``)
+    or with ``group_size``; ``"int4"`` with ``group_size`` (default 128, else the largest of 64, 32 dividing K) and
+    ``zero_point=True`` for asymmetric groups; ``"mxfp4"`` (groups of 32, e8m0 scales).
     """
     fn = "quantize"
     if not isinstance(w, torch.Tensor) or w.dim() != 3 or not w.dtype.is_floating_point:
         raise ValueError(f"{fn}: w must be a dense float [E, N, K] tensor, got "
                          f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if fmt in INT_FORMATS:
+        if block_shape is not None or per_channel:
+            raise ValueError(f"{fn}: fmt={fmt!r} takes group_size (None: per channel for int8), not block_shape or "
+                             f"per_channel")
+        data, scale, zero, g = quant_int.quantize_int(w, fmt, group_size, zero_point)
+        return QuantizedWeight(data=data, scale=scale, fmt=fmt, zero=zero, group_size=g, orig_dtype=w.dtype)
     if fmt not in FP8_FORMATS:
-        raise ValueError(f"{fn}: fmt must be one of {tuple(FP8_FORMATS)} (integer and MX formats are not built yet), "
-                         f"got {fmt!r}")
+        raise ValueError(f"{fn}: fmt must be one of {FORMATS}, got {fmt!r}")
+    if group_size is not None or zero_point:
+        raise ValueError(f"{fn}: group_size and zero_point are for the int8 / int4 / mxfp4 formats, not {fmt!r}")
     if per_channel and block_shape is not None:
         raise ValueError(f"{fn}: per_channel and block_shape are exclusive, got block_shape={block_shape!r}")
     qdt = FP8_FORMATS[fmt]

@@ -87,7 +87,7 @@ def test_quantized_weight_from_raw_tensors_and_checks():
     with pytest.raises(ValueError, match="block_shape"):
         mk.QuantizedWeight(data=data, scale=torch.rand(E, 1, 1), block_shape=(0, 128))
     with pytest.raises(ValueError, match="fmt"):
-        mk.quantize(torch.randn(E, N, K), "int8")
+        mk.quantize(torch.randn(E, N, K), "int2")
     with pytest.raises(ValueError, match="w must"):
         mk.quantize(torch.randn(N, K))
 

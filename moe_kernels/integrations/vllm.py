@@ -27,7 +27,11 @@ Differences from vLLM:
   per channel ``[E, N, 1]`` with ``per_channel_quant``, block ``[E, ceil(N/bn), ceil(K/bk)]`` with
   ``block_shape=[bn, bk]``), without copies, and the static per-tensor ``a1_scale``/``a2_scale`` (dynamic
   quantization when None: per token and ``bk`` columns for block scales, per token for per-channel, per tensor
-  otherwise). ``use_int8_w8a8``, ``use_int8_w8a16``, ``use_int4_w4a16`` and zero points raise ``ValueError``. Expert biases come from the ``w1_bias``/``w2_bias`` keywords or, as in newer vLLM, the
+  otherwise). Weight-only experts: ``use_int8_w8a16=True`` takes int8 ``w1``/``w2`` with per-channel
+  ``w1_scale``/``w2_scale`` ``[E, N]`` (or group scales ``[E, N, K/g]`` with ``block_shape=[0, g]``);
+  ``use_int4_w4a16=True`` takes uint8 ``[E, N, K/2]`` (low nibble = even k), ``block_shape=[0, g]``, scales
+  ``[E, N, K/g]`` and optional zero points ``w1_zp``/``w2_zp`` ``[E, N/2, K/g]`` (see :mod:`moe_kernels.quant_int`).
+  ``use_int8_w8a8`` raises ``ValueError``. Expert biases come from the ``w1_bias``/``w2_bias`` keywords or, as in newer vLLM, the
   fields of the same names of an unquantized ``quant_config``.
 - Activations ``silu``, ``gelu`` (exact), ``swigluoai``, ``silu_no_mul``, ``gelu_no_mul`` (strings, or an enum
   whose ``value``/``name`` is one of them); others raise ``ValueError``. ``swigluoai`` makes one
@@ -146,8 +150,11 @@ def fused_experts(
                  w2_scale=w2_scale, w1_zp=w1_zp, w2_zp=w2_zp, a1_scale=a1_scale, a2_scale=a2_scale,
                  block_shape=block_shape)
     fp8 = bool(use_fp8_w8a8)
+    wna16 = "int8" if use_int8_w8a16 else "int4" if use_int4_w4a16 else None
+    if wna16 and (fp8 or (use_int8_w8a16 and use_int4_w4a16)):
+        raise ValueError(f"{fn}: use_fp8_w8a8, use_int8_w8a16 and use_int4_w4a16 are exclusive")
     for name in _QUANT_FLAGS + _QUANT_TENSORS:
-        if fp8 and name in _FP8_ARGS:
+        if (fp8 and name in _FP8_ARGS) or (wna16 and name in _WNA16_ARGS):
             continue
         if given[name] not in (None, False):
             raise ValueError(f"{fn}: {name} was given, but only unquantized and FP8 (use_fp8_w8a8) experts are supported")
@@ -165,6 +172,8 @@ def fused_experts(
                          f"{'expert_map' if expert_map is not None else 'w1'} has {n_global} experts")
     if fp8:  # QuantizedWeight views; swigluoai's w1 rows (and per-channel scales) de-interleaved there
         w1, w2 = _fp8_weights(fn, w1, w2, w1_scale, w2_scale, block_shape, per_channel_quant, interleaved)
+    elif wna16:  # QuantizedWeight views of vLLM's w8a16 / w4a16 tensors
+        w1, w2 = _wna16_weights(fn, wna16, w1, w2, w1_scale, w2_scale, w1_zp, w2_zp, block_shape, interleaved)
     elif interleaved:
         w1 = _deinterleave(w1)
     if interleaved:
@@ -175,6 +184,48 @@ def fused_experts(
                     expert_map=expert_map, backend=backend, **extra)
     if inplace:
         return hidden_states.copy_(out)
+    return out
+
+
+_WNA16_ARGS = ("use_int8_w8a16", "use_int4_w4a16", "w1_scale", "w2_scale", "w1_zp", "w2_zp", "block_shape")
+
+
+def _wna16_weights(fn, fmt, w1, w2, w1_scale, w2_scale, w1_zp, w2_zp, block_shape, interleaved):
+    """QuantizedWeight views (no copies, except swigluoai's de-interleaving) of vLLM's weight-only experts:
+    ``use_int8_w8a16``: int8 ``[E, N, K]`` with per-channel scales ``[E, N]`` (or ``[E, N, 1]``), or group scales
+    ``[E, N, K/g]`` with ``block_shape=[0, g]``; ``use_int4_w4a16``: uint8 ``[E, N, K/2]`` (low nibble = even k)
+    with ``block_shape=[0, g]``, scales ``[E, N, K/g]`` and optional zero points ``[E, N/2, K/g]`` (value
+    ``(q - zp) * scale``, ``(q - 8) * scale`` without)."""
+    from ..quant import QuantizedWeight
+    from ..quant_int import pack_nibbles, unpack_nibbles
+
+    flag = "use_int8_w8a16" if fmt == "int8" else "use_int4_w4a16"
+    g = None
+    if block_shape is not None:
+        if len(block_shape) != 2 or int(block_shape[0]) != 0 or int(block_shape[1]) < 1:
+            raise ValueError(f"{fn}: {flag} takes block_shape=[0, group_size] (groups along K), got {block_shape!r}")
+        g = int(block_shape[1])
+    elif fmt == "int4":
+        raise ValueError(f"{fn}: use_int4_w4a16 needs block_shape=[0, group_size]")
+    out = []
+    for wname, w, sname, sc, zname, zp in (("w1", w1, "w1_scale", w1_scale, "w1_zp", w1_zp),
+                                          ("w2", w2, "w2_scale", w2_scale, "w2_zp", w2_zp)):
+        if sc is None:
+            raise ValueError(f"{fn}: {flag} needs {sname}, the scales of {wname}")
+        if fmt == "int8" and zp is not None:
+            raise ValueError(f"{fn}: {zname} was given, but use_int8_w8a16 weights are symmetric")
+        if fmt == "int8" and g is None and isinstance(sc, torch.Tensor) and sc.dim() == 3 and sc.shape[2] == 1:
+            sc = sc.squeeze(2)
+        if wname == "w1" and interleaved:  # gate/up rows interleaved: rows of data, scales and zero points
+            w, sc = _deinterleave(w), _deinterleave(sc)
+            if zp is not None:
+                zp = pack_nibbles(_deinterleave(unpack_nibbles(zp.transpose(1, 2)).transpose(1, 2)).transpose(1, 2)
+                                  ).transpose(1, 2).contiguous()
+        try:
+            out.append(QuantizedWeight(data=w, scale=sc, fmt=fmt, zero=zp, group_size=g))
+        except ValueError as exc:
+            msg = str(exc).replace("QuantizedWeight: data", f"{fn}: {wname}").replace("QuantizedWeight: scale", f"{fn}: {sname}")
+            raise ValueError(msg.replace("QuantizedWeight: zero", f"{fn}: {zname}").replace("QuantizedWeight:", f"{fn}: {wname}:")) from None
     return out
 
 

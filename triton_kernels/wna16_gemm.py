@@ -1,0 +1,248 @@
+"""Weight-only quantized grouped expert GEMM: int8 (w8a16), int4 (w4a16, optional zero points) and mxfp4 weights
+with bf16/fp16/fp32 activations.
+
+``y[r] = epilogue(x[row(r)] @ deq(w)[e(r)]^T)`` over the segments of a routing plan, one launch for all experts,
+with the tile schedule, activations, gather, routing weights, scatter and biases of :mod:`.grouped_gemm` (its jit
+helpers and schedule are imported, not copied). Layouts: :mod:`moe_kernels.quant_int`.
+
+Main loop: each K step loads the packed weight tile (``[BLOCK_K, BLOCK_N]`` bytes for int8; for int4/mxfp4 each
+byte serves the two rows of its nibbles, so the tile reads ``BLOCK_K / 2`` distinct bytes per column), unpacks
+the codes in registers (shift by 4 for odd k, mask 0xF), subtracts the zero point (int4) or decodes e2m1
+(mxfp4), multiplies by the group's scale (``BLOCK_K`` divides the group, so one scale per column and step) and
+runs ``tl.dot`` in the activations' dtype with fp32 accumulation. Under the interpreter bf16 tiles are upcast to
+fp32 before the dot (it multiplies bf16 bit patterns).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs as _configs
+from ._launch import DIRECT, Target, target
+from ._utils import next_pow2
+from .fp8_gemm import _interpreting
+from .grouped_gemm import ACTS, _activate, _dot, tile_schedule
+
+FMT_IDS = {"int8": 0, "int4": 1, "mxfp4": 2}
+MIN_E8M0 = tl.constexpr(5.877471754111438e-39)  # 2^-127, the e8m0 code 0 (an fp32 subnormal)
+
+
+@triton.jit
+def _dequant_tile(w_e, s_e, z_e, n, k, kg, nmask, mask, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
+                  FMT: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """fp32 ``[BK, BN]`` weight tile: rows ``k`` (dense K indices) of weight rows ``n``, group ``kg``."""
+    s = tl.load(s_e + n * stride_sn + kg * stride_sg, mask=nmask, other=0)  # [BN]
+    if FMT == 0:
+        v = tl.load(w_e + n[None, :] * stride_wn + k[:, None] * stride_wk, mask=mask, other=0).to(tl.float32)
+        return v * s.to(tl.float32)[None, :]
+    byte = tl.load(w_e + n[None, :] * stride_wn + (k // 2)[:, None] * stride_wk, mask=mask, other=0).to(tl.int32)
+    q = (byte >> ((k % 2) * 4)[:, None]) & 0xF  # low nibble for even k
+    if FMT == 1:
+        if HAS_ZERO:
+            zb = tl.load(z_e + (n // 2) * stride_zn + kg * stride_zg, mask=nmask, other=0).to(tl.int32)
+            z = (zb >> ((n % 2) * 4)) & 0xF  # low nibble for even n
+        else:
+            z = tl.full(n.shape, 8, tl.int32)
+        return (q - z[None, :]).to(tl.float32) * s[None, :]
+    # mxfp4: e2m1 (sign bit 3, exponent bits 1-2, mantissa bit 0) times 2^(s - 127)
+    ex = (q >> 1) & 3
+    m = (q & 1).to(tl.float32)
+    p2 = tl.where(ex == 3, 4.0, tl.where(ex == 2, 2.0, 1.0))
+    mag = tl.where(ex == 0, 0.5 * m, (1.0 + 0.5 * m) * p2)
+    v = tl.where((q & 8) != 0, -mag, mag)
+    si = s.to(tl.int32)
+    sf = (si << 23).to(tl.float32, bitcast=True)
+    sf = tl.where(si == 0, MIN_E8M0, sf)
+    sf = tl.where(si == 255, float("nan"), sf)
+    return v * sf[None, :]
+
+
+@triton.jit
+def wna16_grouped_gemm_kernel(
+    x_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, y_ptr, slots_ptr, row_w_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    num_tiles_ptr,
+    N, K, inter, top_k, num_m_tiles, num_experts, group,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
+    stride_be, stride_ym,
+    HAS_SLOTS: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, IN_SCALE: tl.constexpr,
+    OUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, FMT: tl.constexpr,
+    HAS_ZERO: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    m_tile = pid % num_m_tiles
+    n_tile = pid // num_m_tiles
+    if m_tile >= tl.load(num_tiles_ptr):
+        return
+    e = tl.load(tile_expert_ptr + m_tile).to(tl.int64)
+    row0 = tl.load(tile_row_ptr + m_tile).to(tl.int64)
+    row_end = tl.load(offsets_ptr + e + 1).to(tl.int64)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = n_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if e >= num_experts:  # the rows past the last segment: zeros (in expert order only)
+        if not SCATTER:
+            zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32).to(y_ptr.dtype.element_ty)
+            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], zero, mask=(rows < row_end)[:, None] & cmask[None, :])
+        return
+    rmask = rows < row_end
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+        rmask = rmask & (slot >= 0)
+    if GATHER:
+        src = tl.where(rmask, slot // top_k, 0)
+    else:
+        src = rows
+    if IN_SCALE or OUT_SCALE:
+        row_w = tl.load(row_w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + src[:, None] * stride_xm + ks[None, :]
+    w_e = w_ptr + e * stride_we
+    s_e = ws_ptr + e * stride_se
+    z_e = wz_ptr + e * stride_ze
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if GATED:
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        kmask = k < K
+        kg = k0 // group  # BLOCK_K divides the group (group = K for per-channel scales)
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if IN_SCALE:  # Llama-4: the routing weight scales the token before the experts
+            a = (a.to(tl.float32) * row_w[:, None]).to(a.dtype)
+        if UPCAST:  # the interpreter multiplies bf16 bit patterns: upcast there
+            a = a.to(tl.float32)
+        wmask = kmask[:, None] & cmask[None, :]
+        b = _dequant_tile(w_e, s_e, z_e, cols, k, kg, cmask, wmask, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn,
+                          stride_zg, FMT, HAS_ZERO)
+        acc_g = _dot(a, b.to(a.dtype), acc_g, IEEE)
+        if GATED:
+            bu = _dequant_tile(w_e, s_e, z_e, inter + cols, k, kg, cmask, wmask, stride_wn, stride_wk, stride_sn, stride_sg,
+                               stride_zn, stride_zg, FMT, HAS_ZERO)
+            acc_u = _dot(a, bu.to(a.dtype), acc_u, IEEE)
+        a_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc_g += tl.load(bias_ptr + e * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(bias_ptr + e * stride_be + inter + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if ACT != 0:
+        if GATED:
+            acc_g = _activate(acc_g, acc_u, ACT, GATED)
+        else:
+            acc_g = _activate(acc_g, acc_g, ACT, GATED)
+    if OUT_SCALE:
+        acc_g = acc_g * row_w[:, None]
+    if SCATTER:
+        dst = tl.where(rmask, slot, 0)
+        omask = rmask[:, None] & cmask[None, :]
+    else:
+        dst = rows
+        acc_g = tl.where(rmask[:, None], acc_g, 0.0)  # padding rows of a segment are zero
+        omask = (rows < row_end)[:, None] & cmask[None, :]
+    tl.store(y_ptr + dst[:, None] * stride_ym + cols[None, :], acc_g.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+def smem_bytes(cfg: dict, a_bytes: int, w_bits: int, gated: bool) -> int:
+    """Shared memory of the pipelined operand tiles per stage: A ``[BM, BK]`` in its dtype and one or two packed
+    weight tiles ``[BK, BN]`` of ``w_bits`` per element, plus the dequantized operand tile the dot reads."""
+    w = cfg["BLOCK_N"] * cfg["BLOCK_K"] * w_bits // 8 * (2 if gated else 1)
+    stage = cfg["BLOCK_M"] * cfg["BLOCK_K"] * a_bytes + w
+    deq = cfg["BLOCK_N"] * cfg["BLOCK_K"] * a_bytes * (2 if gated else 1)
+    return stage * cfg["num_stages"] + deq
+
+
+def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, gated: bool, group: int,
+                   tgt: Target) -> dict:
+    """Heuristic tiles for one architecture: row tiles by rows per expert (decode: 16), ``BLOCK_K`` up to 128 and
+    dividing the scale group, and as many stages (2-4) as the architecture's shared memory holds."""
+    rows = max(1, M // max(E, 1))
+    bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 256 else 128
+    bn = min(128, max(16, next_pow2(N)))
+    bk = min(128, max(16, next_pow2(K)))
+    if group:
+        bk = min(bk, group)
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 8 if bm * bn >= 128 * 128 else 4, "num_stages": 4}
+    # registers: the fp32 accumulators and the dequantized weight tiles live in registers together; the
+    # prefill tiles with 128 K columns per step, the gated prefill tile (two accumulators) and sm_80's 128x128
+    # tile (mma.sync keeps the accumulator in registers) spill when compiled for sm_90a / sm_80, so they shrink
+    if bm >= 64:  # prefill: 64 columns of K per step
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
+    if gated and bm >= 64:
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
+    if tuple(tgt.capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 64 * 128:
+        cfg["BLOCK_M"], cfg["num_warps"] = 64, 4
+    limit = tgt.smem_per_block - 8192  # room for the epilogue's layout conversion
+    while cfg["num_stages"] > 2 and smem_bytes(cfg, a_bytes, w_bits, gated) > limit:
+        cfg["num_stages"] -= 1
+    while smem_bytes(cfg, a_bytes, w_bits, gated) > limit and cfg["BLOCK_N"] > 32:
+        cfg["BLOCK_N"] //= 2
+    return cfg
+
+
+def get_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, w_bits: int, gated: bool, group: int,
+               device: torch.device) -> dict:
+    """A tuned config (``configs/<kernel>,...json``, nearest M) if one exists for this shape and device, else the
+    architecture's heuristic; a tuned BLOCK_K that does not divide the scale group is ignored."""
+    tuned = _configs._load(str(_configs.config_file(kernel, E, N, K, dtype, _configs.device_name(device))))
+    if tuned:
+        cfg = dict(tuned[min(tuned, key=lambda m: abs(m - M))])
+        if not group or group % cfg["BLOCK_K"] == 0:
+            return cfg
+    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, w_bits, gated, group, target(device))
+
+
+def wna16_grouped_gemm(
+    x, w_data, w_scale, w_zero, fmt, group_size, expert_offsets, bias, sorted_slots, *, gather_top_k=0,
+    activation="none", gated=False, row_weights=None, scale_input=False, scatter_slots=0, config=None,
+    launch=DIRECT, empty,
+):
+    """Launcher. ``x [R, K]`` (``R`` tokens when gathering, else the plan's rows); ``w_data``, ``w_scale``,
+    ``w_zero`` in the layout of ``fmt`` with ``group_size`` (0: per-channel scales ``[E, N]``). Other arguments
+    and the result as :func:`.grouped_gemm.grouped_gemm`."""
+    P = sorted_slots.shape[0] if sorted_slots is not None else x.shape[0]
+    E, n_w, Kd = w_data.shape
+    K = Kd * 2 if fmt != "int8" else Kd
+    N = n_w // 2 if gated else n_w
+    scatter = scatter_slots > 0
+    y = empty((scatter_slots if scatter else P, N), dtype=x.dtype, device=x.device)
+    if P == 0 or N == 0 or y.shape[0] == 0:
+        return y
+    x = x if x.stride(1) == 1 else x.contiguous()
+    group = group_size or max(K, 1)
+    kernel = f"wna16_{fmt}_gemm" + ("_gated" if gated else "")
+    w_bits = 8 if fmt == "int8" else 4
+    cfg = config or get_config(kernel, P, N, K, E, x.dtype, w_bits, gated, group_size, x.device)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if _interpreting():  # small tiles keep the interpreter fast; tile sizes do not change results
+        bm, bn = min(bm, 32), min(bn, 64)
+    tile_seg, tile_row, num_tiles, ends, max_tiles = tile_schedule(expert_offsets, P, bm)
+    grid = (max_tiles * triton.cdiv(N, bn),)
+    bias = bias.contiguous() if bias is not None else None
+    s3 = w_scale if w_scale.dim() == 3 else w_scale.unsqueeze(2)  # per channel: one group
+    z = w_zero if w_zero is not None else s3
+    launch(wna16_grouped_gemm_kernel)[grid](
+        x, w_data, s3, z, bias if bias is not None else s3, y, sorted_slots if sorted_slots is not None else tile_seg,
+        row_weights if row_weights is not None else s3, tile_seg, tile_row, ends, num_tiles,
+        N, K, N, max(gather_top_k, 1), max_tiles, E, group,
+        x.stride(0), w_data.stride(0), w_data.stride(1), w_data.stride(2), s3.stride(0), s3.stride(1), s3.stride(2),
+        z.stride(0), z.stride(1), z.stride(2), bias.stride(0) if bias is not None else 0, y.stride(0),
+        HAS_SLOTS=sorted_slots is not None, GATHER=gather_top_k > 0, SCATTER=scatter,
+        IN_SCALE=row_weights is not None and scale_input, OUT_SCALE=row_weights is not None and not scale_input,
+        HAS_BIAS=bias is not None, ACT=ACTS[activation], GATED=gated, FMT=FMT_IDS[fmt], HAS_ZERO=w_zero is not None,
+        UPCAST=_interpreting() and x.dtype == torch.bfloat16, IEEE=x.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y
+
+
+def supports(x, w_data, w_scale, w_zero, fmt, group_size, *args, **kwargs) -> str | None:
+    """Why the Triton weight-only GEMM cannot serve these inputs, or None."""
+    if x.dtype == torch.float64:
+        return "float64 inputs are served by the torch backend only"
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "the weight-only quantized kernels need sm_80 or newer"
+    if group_size and (group_size < 16 or group_size & (group_size - 1)):
+        return f"the Triton kernel needs a power-of-two group_size >= 16, got {group_size}"
+    return None
