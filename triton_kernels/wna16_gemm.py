@@ -23,7 +23,8 @@ from . import configs as _configs
 from ._launch import DIRECT, Target, target
 from ._utils import next_pow2
 from .fp8_gemm import _interpreting
-from .grouped_gemm import ACTS, _activate, _dot, tile_schedule
+from .grouped_gemm import ACTS, _activate, _dot
+from .schedule import tile_schedule
 
 FMT_IDS = {"int8": 0, "int4": 1, "mxfp4": 2}
 MIN_E8M0 = tl.constexpr(5.877471754111438e-39)  # 2^-127, the e8m0 code 0 (an fp32 subnormal)
@@ -217,7 +218,9 @@ def wna16_grouped_gemm(
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if _interpreting():  # small tiles keep the interpreter fast; tile sizes do not change results
         bm, bn = min(bm, 32), min(bn, 64)
-    tile_seg, tile_row, num_tiles, ends, max_tiles = tile_schedule(expert_offsets, P, bm)
+    sched = tile_schedule(expert_offsets, P, bm, launch=launch, empty=empty)
+    tile_seg, tile_row, num_tiles, max_tiles = sched.tile_segment, sched.tile_row, sched.num_tiles, sched.max_tiles
+    ends = torch.cat([expert_offsets.to(torch.int64), expert_offsets.new_full((1,), P, dtype=torch.int64)])  # [E+2]
     grid = (max_tiles * triton.cdiv(N, bn),)
     bias = bias.contiguous() if bias is not None else None
     s3 = w_scale if w_scale.dim() == 3 else w_scale.unsqueeze(2)  # per channel: one group
