@@ -8,6 +8,13 @@ import moe_kernels as mk
 from moe_kernels import _quant_ops as qo
 from moe_kernels.quant import FP8_FORMATS, fake_quantize_activation, quantize_activation
 from moe_kernels.testing import assert_close
+from moe_kernels import _alloc
+
+
+def nan_empty(shape, dtype, device):
+    """Outputs poisoned before the kernel writes them: NaN, or the integer sentinel for index tensors."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan") if dtype.is_floating_point else _alloc.INT_SENTINEL)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in ("triton",) if mk.backends()[b].available]
@@ -174,8 +181,7 @@ def test_grouped_gemm_fp8_weight_only_kernel():
             qw = mk.quantize(torch.randn(3, 72, 200, device=DEV) / 14, fmt, **kw)
             sc, bn, bk = qw.scale_blocks()
             y, _ = fp8_gemm.fp8_grouped_gemm(x, qw.data, sc, bn, bk, offsets_of(sizes), None, None, "none", None,
-                                             weight_bits=bits, empty=lambda s, dtype, device: torch.full(
-                                                 s, float("nan"), dtype=dtype, device=device))
+                                             weight_bits=bits, empty=nan_empty)
             expected = mk.grouped_gemm(x.double(), qw.dequantize(torch.float64), offsets_of(sizes), backend="torch")
             assert_close(f"y {name} {fmt}", y, expected, rms_tol=2e-3)
 
