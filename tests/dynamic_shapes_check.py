@@ -110,7 +110,7 @@ CASES = {
         lambda T: dict(g=torch.randn(T, H, device=DEV, dtype=torch.bfloat16),
                        x=torch.randn(T, H, device=DEV, dtype=torch.bfloat16), ids=_ids(T), w=_w(T), **_weights()),
         lambda g, x, ids, w, w13, w2: OPS.fused_moe_backward_triton(g, x, w13, w2, w, ids, "silu", True, None, None,
-                                                                    False, None, None)),
+                                                                    False, None, None, False, None)),
     "lora_moe": (
         lambda T: dict(x=torch.randn(T, H, device=DEV, dtype=torch.bfloat16), ids=_ids(T), w=_w(T),
                        w0=torch.randn(I, H, device=DEV, dtype=torch.bfloat16),

@@ -150,7 +150,7 @@ def _pass(ids, expert_map, rank_in, num_experts, capacity, priority, final, bloc
     counts = empty((num_experts,), dtype=torch.int32, device=dev) if final else base
     offsets = empty((num_experts + 1,), dtype=torch.int32, device=dev) if final else base
     launch(plan_scan_kernel)[(1,)](hist, base, counts, offsets, n_prog, num_experts, block_size, FINAL=final,
-                                   BLOCK_E=block_e, BLOCK_P=min(next_pow2(n_prog), max(1, 8192 // block_e)))
+                                   BLOCK_E=block_e, BLOCK_P=max(1, min(256, 8192 // block_e)))  # from E only: never a guard on T
     rank_out, slot_to_row, sorted_slots = out
     sched = schedule
     launch(plan_rank_kernel)[(n_prog,)](

@@ -67,7 +67,8 @@ def group_m(block: int, K: int, es: int, l2: int) -> int:
     """Tiles per group of the tile order: as many row-blocks (``block x K`` elements) as fill 70% of L2
     (1 to 32), so that a group's rows stay in L2 while its other tiles stream the weights, and each
     weight tile is read from HBM once per group (the rest of L2 holds a wave's weight tiles)."""
-    return max(1, min(32, (l2 * 7 // 10) // max(block * K * es, 1)))
+    # symbolic min/max: K may be a token-derived count under torch.compile (the dW reduction), never a guard
+    return torch.sym_max(1, torch.sym_min(32, (l2 * 7 // 10) // torch.sym_max(block * K * es, 1)))
 
 
 def smem_bytes(bm: int, bn: int, bk: int, stages: int, es: int, n_w: int = 1) -> int:
@@ -94,7 +95,7 @@ def gemm_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype,
     if tuned:
         cfg = dict(tuned[min(tuned, key=lambda m: abs(m - M))])
     else:
-        rows = max(1, configs._rows_per_expert(M, E))  # fixed in the batch-invariant mode, never from T
+        rows = configs._rows_per_expert(M, E)  # buckets only (no max(1, .): a 0/1 guard); fixed when batch-invariant
         if rows <= 16:
             cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
         elif rows <= 32:
@@ -145,5 +146,5 @@ def wgrad_config(A: int, B: int, dtype: torch.dtype, device: torch.device, rows_
     cfg["num_stages"] = stages
     per_prog = stages * (bm * ba + bm * bb) * es
     cfg["NUM_PROGS"] = sms * max(1, min(2, smem // max(per_prog, 1)))
-    cfg["GROUP_A"] = group_m(ba, max(1, rows_per_expert), es, l2_bytes(device))  # a runtime argument: no recompiles
+    cfg["GROUP_A"] = group_m(ba, torch.sym_max(1, rows_per_expert), es, l2_bytes(device))  # a runtime argument: no recompiles
     return cfg
