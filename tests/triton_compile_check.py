@@ -56,6 +56,7 @@ TOKENS = (1, 16, 4096)
 SUBSET = ("deepseek-v3",)
 SUBSET_TOKENS = (1, 4096)
 PREFILL_ROWS = 64
+RESULT_FORMAT = "2"  # what a cached result holds (2: ptxas spill bytes); part of the cache key
 LORA_RANK = 16
 # Launches of a GEMM kernel that are too thin for a 64-row MMA whatever the batch (the dW kernel computing
 # a bias gradient as ones^T @ dY has one output row): exempt from the wgmma rule.
@@ -221,7 +222,7 @@ def launch_key(rec, cc):
     job = {"module": fn.fn.__module__, "kernel": fn.fn.__name__, "cc": cc, "signature": sig,
            "constexprs": sorted([list(k), v] for k, v in constexprs.items()),
            "attrs": sorted([list(k), v] for k, v in attrs.items()), "options": options}
-    blob = json.dumps(job, sort_keys=True, default=str) + fn.cache_key + triton.__version__
+    blob = json.dumps(job, sort_keys=True, default=str) + fn.cache_key + triton.__version__ + RESULT_FORMAT
     return hashlib.sha256(blob.encode()).hexdigest()[:24], job, constexprs
 
 

@@ -239,7 +239,8 @@ def topk_gating(logits, bias, top_k, scoring, renormalize, num_groups, topk_grou
     dev = logits.device
     weights = empty((T, top_k), dtype=torch.float32, device=dev)
     ids = empty((T, top_k), dtype=torch.int32, device=dev)
-    block_t, block_e, block_k = _blocks(E, top_k)
+    # group-limited selection holds the group scores too: half the rows a program (no spills on sm_80 at E=256)
+    block_t, block_e, block_k = _blocks(E, top_k, 2048 if num_groups > 1 else 4096)
     grid = triton.cdiv(T, block_t)
     # Partials: one row per program plus a zero row, so their count is never 1 (torch.compile would
     # otherwise specialise on it: one graph for T <= BLOCK_T, another for the rest).
