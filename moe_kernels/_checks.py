@@ -161,3 +161,25 @@ def check_top_k(fn: str, name: str, ids: torch.Tensor) -> int:
     k = ids.shape[1]
     check_size(fn, f"{name}.shape[1] (k)", k, lo=1, what=" (give dropped slots the id -1)")
     return k
+
+
+def check_moe_routing(fn: str, topk_ids, topk_weights, T: int, E: int, H: int, I2: int, w13_bias, w2_bias, capacity,
+                      drop_policy: str, expert_map, float_dtypes, drop_policies) -> tuple[int, int]:
+    """The routing arguments of a fused MoE call (ids, weights, biases, capacity, drop policy, expert map), the
+    same for every weight format; returns ``(k, number of valid ids)``."""
+    check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=ID_DTYPES, shape=(T, None), layout="[T, k]")
+    k = check_top_k(fn, "topk_ids", topk_ids)
+    check_tensor(fn, "topk_weights", topk_weights, dtypes=float_dtypes, shape=(T, k), layout="[T, k]")
+    if w13_bias is not None:
+        check_tensor(fn, "w13_bias", w13_bias, dtypes=float_dtypes, shape=(E, I2), layout="[E, 2I]")
+    if w2_bias is not None:
+        check_tensor(fn, "w2_bias", w2_bias, dtypes=float_dtypes, shape=(E, H), layout="[E, H]")
+    if capacity is not None:
+        check_int(fn, "capacity", capacity, lo=0)
+    check_choice(fn, "drop_policy", drop_policy, drop_policies)
+    n_ids = E
+    if expert_map is not None:
+        check_tensor(fn, "expert_map", expert_map, ndim=1, dtypes=ID_DTYPES, layout="[E_global]")
+        check_expert_ids(fn, "expert_map", expert_map, E)
+        n_ids = expert_map.shape[0]
+    return k, n_ids

@@ -225,21 +225,8 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13
     if gate_up_interleaved and gated:
         raise ValueError(f"{fn}: gate_up_interleaved is not supported for a QuantizedWeight w13; quantize the weight "
                          "with gate rows first, then up rows")
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.ID_DTYPES, shape=(T, None), layout="[T, k]")
-    k = _checks.check_top_k(fn, "topk_ids", topk_ids)
-    _checks.check_tensor(fn, "topk_weights", topk_weights, dtypes=f, shape=(T, k), layout="[T, k]")
-    if w13_bias is not None:
-        _checks.check_tensor(fn, "w13_bias", w13_bias, dtypes=f, shape=(E, I2), layout="[E, 2I]")
-    if w2_bias is not None:
-        _checks.check_tensor(fn, "w2_bias", w2_bias, dtypes=f, shape=(E, H), layout="[E, H]")
-    if capacity is not None:
-        _checks.check_int(fn, "capacity", capacity, lo=0)
-    _checks.check_choice(fn, "drop_policy", drop_policy, ref.DROP_POLICIES)
-    n_ids = E
-    if expert_map is not None:
-        _checks.check_tensor(fn, "expert_map", expert_map, ndim=1, dtypes=_checks.ID_DTYPES, layout="[E_global]")
-        _checks.check_expert_ids(fn, "expert_map", expert_map, E)
-        n_ids = expert_map.shape[0]
+    k, n_ids = _checks.check_moe_routing(fn, topk_ids, topk_weights, T, E, H, I2, w13_bias, w2_bias, capacity,
+                                         drop_policy, expert_map, f, ref.DROP_POLICIES)
     _checks.check_same_device(fn, hidden=hidden, w13=w13.data, w2=w2.data, topk_weights=topk_weights, topk_ids=topk_ids,
                               w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
     _checks.check_expert_ids(fn, "topk_ids", topk_ids, n_ids)

@@ -125,23 +125,11 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13
     _check(fn, "w2", w2, H, inter, f"[E, H={H}, I={inter}]", fmt=w13.fmt)
     if w2.shape[0] != E:
         raise ValueError(f"{fn}: w2 must have the E={E} experts of w13, got dense shape {list(w2.shape)}")
-    _checks.check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES, shape=(T, None), layout="[T, k]")
-    k = topk_ids.shape[1]
-    _checks.check_tensor(fn, "topk_weights", topk_weights, dtypes=f, shape=(T, k), layout="[T, k]")
-    if w13_bias is not None:
-        _checks.check_tensor(fn, "w13_bias", w13_bias, dtypes=f, shape=(E, I2), layout="[E, 2I]")
-    if w2_bias is not None:
-        _checks.check_tensor(fn, "w2_bias", w2_bias, dtypes=f, shape=(E, H), layout="[E, H]")
-    if capacity is not None:
-        _checks.check_int(fn, "capacity", capacity, lo=0)
-    n_ids = E
-    if expert_map is not None:
-        _checks.check_tensor(fn, "expert_map", expert_map, ndim=1, dtypes=_checks.INDEX_DTYPES, layout="[E_global]")
-        _checks.check_ids_in_range(fn, "expert_map", expert_map, E)
-        n_ids = expert_map.shape[0]
+    k, n_ids = _checks.check_moe_routing(fn, topk_ids, topk_weights, T, E, H, I2, w13_bias, w2_bias, capacity,
+                                         "gshard", expert_map, f, ("gshard",))
     _checks.check_same_device(fn, hidden=hidden, w13=w13.data, w2=w2.data, topk_weights=topk_weights, topk_ids=topk_ids,
                               w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
-    _checks.check_ids_in_range(fn, "topk_ids", topk_ids, n_ids)
+    _checks.check_expert_ids(fn, "topk_ids", topk_ids, n_ids)
     g13, g2 = w13.group_size or 0, w2.group_size or 0
     impl = _backends.select("wna16_fused_moe", backend, hidden.device, hidden, w13.data, w13.scale, w13.zero, w2.data,
                             w2.scale, w2.zero, w13.fmt, g13, g2)
