@@ -30,6 +30,14 @@ MAX_ACC_PER_THREAD = 64  # fp32 accumulator registers per thread that leave room
 SMEM_RESERVE = 1024  # bytes kept free for the compiler's own scratch (barriers, layout conversions)
 
 
+def use_tma(capability) -> bool:
+    """The GEMMs' TMA flag for an architecture: descriptors for the operands on sm_90 and newer (Hopper's
+    and Blackwell's tensor memory accelerator), the pointer path on sm_80/86/89; ``MOE_KERNELS_TMA=0`` turns
+    it off everywhere. A launch still falls back to pointers when an operand's layout does not fit a
+    descriptor (``triton_kernels/tma.py``)."""
+    return tuple(capability) >= (9, 0) and os.environ.get("MOE_KERNELS_TMA", "1") != "0"
+
+
 def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type

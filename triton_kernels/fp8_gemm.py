@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import configs as _configs
+from . import tma as _tma
 from ._launch import DIRECT, Target, TARGETS, target
 from ._utils import next_pow2
 from .grouped_gemm import ACTS, _activate, _dot
@@ -120,7 +121,7 @@ def fp8_grouped_gemm_kernel(
     SCALE_IN_LOOP: tl.constexpr, OUT_AMAX: tl.constexpr, FP8_MAX: tl.constexpr, W_BITS: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr, ROUND_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, TMA_W: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     m_tile = pid % num_m_tiles
@@ -154,6 +155,12 @@ def fp8_grouped_gemm_kernel(
     a_ptrs = x_ptr + src[:, None] * stride_xm + ks[None, :]
     w_e = w_ptr + e * stride_we
     g_ptrs = w_e + cols[None, :] * stride_wn + ks[:, None] * stride_wk  # [BK, BN] fp8
+    if TMA_W:  # [E, N, K] with K contiguous: gate (or the one weight) and up halves, zero past N and K
+        g_desc = _tma.weight_descriptor(w_ptr, num_experts, N, K, stride_we, stride_wn, 1, True, BLOCK_N, BLOCK_K)
+        if GATED:
+            u_desc = _tma.weight_descriptor(w_ptr + inter * stride_wn, num_experts, N, K, stride_we, stride_wn, 1,
+                                            True, BLOCK_N, BLOCK_K)
+    n0 = n_tile * BLOCK_N
     s_e = ws_ptr + e * stride_se
     g_srow = (cols // w_bn) * stride_sn  # [BN]: the scale row of each output column
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -166,7 +173,10 @@ def fp8_grouped_gemm_kernel(
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
         if IN_SCALE:
             a = (a.to(tl.float32) * row_w[:, None]).to(a.dtype)
-        b = tl.load(g_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if TMA_W:
+            b = _tma.weight_tile(g_desc, e, n0, k0, True, BLOCK_N, BLOCK_K)
+        else:
+            b = tl.load(g_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
         if A_MODE == 0:  # weight-only: the exact fp8 -> bf16/fp16 conversion in registers
             if UPCAST:  # the interpreter multiplies bf16 bit patterns: upcast there
                 a = a.to(tl.float32)
@@ -190,7 +200,10 @@ def fp8_grouped_gemm_kernel(
         else:
             acc_g = _dot(a, b, acc_g, IEEE)
         if GATED:
-            bu = tl.load(u_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if TMA_W:
+                bu = _tma.weight_tile(u_desc, e, n0, k0, True, BLOCK_N, BLOCK_K)
+            else:
+                bu = tl.load(u_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
             if A_MODE == 0:
                 if W_BITS:
                     bu = _fp8_bits_to_f32(bu, FP8_MAX != 448.0).to(a.dtype)
@@ -273,7 +286,8 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, gated: bool, bl
         bn //= 2
         acc_tiles //= 2
     warps = 8 if acc_tiles * (2 if block_k is not None else 1) >= 128 * 128 else 4
-    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 4}
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 4,
+           "TMA": _configs.use_tma(tgt.capability)}
     limit = tgt.smem_per_block - 8192  # room for the epilogue's layout conversion
     while cfg["num_stages"] > 2 and smem_bytes(cfg, a_bytes, gated) > limit:
         cfg["num_stages"] -= 1
@@ -362,6 +376,10 @@ def fp8_grouped_gemm(
     ends = torch.cat([expert_offsets.to(torch.int64), expert_offsets.new_full((1,), P, dtype=torch.int64)])  # [E+2]
     grid = (max_tiles * triton.cdiv(N, bn),)
     bias = bias.contiguous() if bias is not None else None
+    tma_w = bool(cfg.get("TMA", _configs.use_tma(target(x.device).capability))) and \
+        _tma.weight_fits(w_data, True, N, K, N * w_data.stride(1) if gated else None)
+    if tma_w:
+        _tma.ensure_allocator(x.device)
     launch(fp8_grouped_gemm_kernel)[grid](
         x, w_data.view(torch.uint8) if weight_bits else w_data, w_scale, act_scale if act_scale is not None else w_scale, bias if bias is not None else w_scale, y,
         ys if ys is not None else w_scale, sorted_slots if sorted_slots is not None else tile_seg,
@@ -376,7 +394,7 @@ def fp8_grouped_gemm(
         OUT_AMAX={"": 0, "token": 1, "tensor": 2}[out_amax], FP8_MAX=fmax, W_BITS=bool(weight_bits),
         UPCAST=_interpreting() and x.dtype == torch.bfloat16, IEEE=a_mode == 0 and x.dtype == torch.float32,
         ROUND_FP8=_interpreting(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TMA_W=tma_w, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y, ys
 

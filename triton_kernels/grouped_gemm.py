@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tma as _tma
 from ._utils import identity_launch
 from .schedule import _sym_min, tile_schedule
 from .tiles import gemm_config, interpreting, wgrad_config
@@ -109,13 +110,14 @@ def _tile_coords(t, num_m, num_n, GROUP_M):
 @triton.jit
 def _gemm_tile(
     m_tile, n_tile, x_ptr, w_ptr, bias_ptr, y_ptr, slots_ptr, row_w_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
-    pre_ptr, act_out_ptr, tok_ptr, part_ptr,
+    pre_ptr, act_out_ptr, tok_ptr, part_ptr, a_desc, wg_desc, wu_desc,
     N, K, inter, top_k, num_experts, num_rows,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_ym, stride_pre, stride_tok, stride_part,
     HAS_SLOTS: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, IN_SCALE: tl.constexpr,
     OUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr, STORE_PRE: tl.constexpr, ACT_BWD: tl.constexpr, ROW_DOT: tl.constexpr, BIAS_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERLEAVED: tl.constexpr,
+    TMA_A: tl.constexpr, TMA_W: tl.constexpr, W_KMAJOR: tl.constexpr,
 ):
     e = tl.load(tile_expert_ptr + m_tile).to(tl.int64)
     row0 = tl.load(tile_row_ptr + m_tile).to(tl.int64)
@@ -154,20 +156,30 @@ def _gemm_tile(
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if BIAS_DOT:  # <bias_dot[e], x row>, from the A tiles already loaded
             bdot = tl.zeros([BLOCK_M], tl.float32)
+        n0 = n_tile * BLOCK_N
         for k0 in range(0, K, BLOCK_K):
             kmask = (k0 + ks) < K
-            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if TMA_A:  # rows of x in expert order: a box (rows past the segment are masked in the epilogue)
+                a = a_desc.load([row0.to(tl.int32), k0])
+            else:
+                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             if IN_SCALE:  # Llama-4: the routing weight scales the token before the experts
                 a = (a.to(tl.float32) * row_w[:, None]).to(a.dtype)
             if BIAS_DOT:
                 bk = tl.load(bias_ptr + e * stride_be + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
                 bdot += tl.sum(a.to(tl.float32) * bk[None, :], 1)
-            b = tl.load(g_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if TMA_W:
+                b = _tma.weight_tile(wg_desc, e, n0, k0, W_KMAJOR, BLOCK_N, BLOCK_K)
+            else:
+                b = tl.load(g_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
             if UPCAST:  # the interpreter multiplies bf16 bit patterns: upcast there
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc_g = _dot(a, b, acc_g, IEEE)
             if DUAL:
-                bu = tl.load(u_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+                if TMA_W:
+                    bu = _tma.weight_tile(wu_desc, e, n0, k0, W_KMAJOR, BLOCK_N, BLOCK_K)
+                else:
+                    bu = tl.load(u_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
                 if UPCAST:
                     bu = bu.to(tl.float32)
                 acc_u = _dot(a, bu, acc_u, IEEE)
@@ -243,30 +255,47 @@ def grouped_gemm_kernel(
     STORE_PRE: tl.constexpr, ACT_BWD: tl.constexpr, ROW_DOT: tl.constexpr, BIAS_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, NUM_PROGS: tl.constexpr, INTERLEAVED: tl.constexpr = False,
+    TMA_A: tl.constexpr = False, TMA_W: tl.constexpr = False, W_KMAJOR: tl.constexpr = True,
 ):
     """One (m-tile, n-tile) per program over ``num_m_tiles`` (a bound) x n-tiles, in GROUP_M order; or,
-    PERSISTENT, NUM_PROGS programs striding over the real tiles only."""
+    PERSISTENT, NUM_PROGS programs striding over the real tiles only. TMA_W / TMA_A: the weight (gate and up
+    halves apart) / the rows of x (not gathered) through descriptors made once per program."""
     num_n = tl.cdiv(N, BLOCK_N)
+    DUAL: tl.constexpr = GATED and not ACT_BWD
+    a_desc, wg_desc, wu_desc = x_ptr, w_ptr, w_ptr  # unused unless TMA
+    if TMA_A:
+        a_desc = tl.make_tensor_descriptor(x_ptr, [num_rows, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+    if TMA_W:
+        # output column c reads weight row c (gate), c + inter (up), or 2c and 2c + 1 (interleaved)
+        w_sn = stride_wn * 2 if DUAL and INTERLEAVED else stride_wn
+        wg_desc = _tma.weight_descriptor(w_ptr, num_experts, N, K, stride_we, w_sn, stride_wk, W_KMAJOR, BLOCK_N,
+                                         BLOCK_K)
+        if DUAL:
+            up = stride_wn if INTERLEAVED else inter * stride_wn
+            wu_desc = _tma.weight_descriptor(w_ptr + up, num_experts, N, K, stride_we, w_sn, stride_wk, W_KMAJOR,
+                                             BLOCK_N, BLOCK_K)
     if PERSISTENT:
         num_m = tl.load(num_tiles_ptr)
         for t in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS):
             m_tile, n_tile = _tile_coords(t, num_m, num_n, GROUP_M)
             _gemm_tile(
                 m_tile, n_tile, x_ptr, w_ptr, bias_ptr, y_ptr, slots_ptr, row_w_ptr, tile_expert_ptr, tile_row_ptr,
-                offsets_ptr, pre_ptr, act_out_ptr, tok_ptr, part_ptr, N, K, inter, top_k, num_experts, num_rows,
-                stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_ym, stride_pre, stride_tok,
-                stride_part, HAS_SLOTS, GATHER, SCATTER, IN_SCALE, OUT_SCALE, HAS_BIAS, ACT, GATED, UPCAST, IEEE,
-                STORE_PRE, ACT_BWD, ROW_DOT, BIAS_DOT, BLOCK_M, BLOCK_N, BLOCK_K, INTERLEAVED,
+                offsets_ptr, pre_ptr, act_out_ptr, tok_ptr, part_ptr, a_desc, wg_desc, wu_desc, N, K, inter, top_k,
+                num_experts, num_rows, stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
+                stride_pre, stride_tok, stride_part, HAS_SLOTS, GATHER, SCATTER, IN_SCALE, OUT_SCALE, HAS_BIAS, ACT,
+                GATED, UPCAST, IEEE, STORE_PRE, ACT_BWD, ROW_DOT, BIAS_DOT, BLOCK_M, BLOCK_N, BLOCK_K, INTERLEAVED,
+                TMA_A, TMA_W, W_KMAJOR,
             )
     else:
         m_tile, n_tile = _tile_coords(tl.program_id(0), num_m_tiles, num_n, GROUP_M)
         if m_tile < tl.load(num_tiles_ptr):
             _gemm_tile(
                 m_tile, n_tile, x_ptr, w_ptr, bias_ptr, y_ptr, slots_ptr, row_w_ptr, tile_expert_ptr, tile_row_ptr,
-                offsets_ptr, pre_ptr, act_out_ptr, tok_ptr, part_ptr, N, K, inter, top_k, num_experts, num_rows,
-                stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_ym, stride_pre, stride_tok,
-                stride_part, HAS_SLOTS, GATHER, SCATTER, IN_SCALE, OUT_SCALE, HAS_BIAS, ACT, GATED, UPCAST, IEEE,
-                STORE_PRE, ACT_BWD, ROW_DOT, BIAS_DOT, BLOCK_M, BLOCK_N, BLOCK_K, INTERLEAVED,
+                offsets_ptr, pre_ptr, act_out_ptr, tok_ptr, part_ptr, a_desc, wg_desc, wu_desc, N, K, inter, top_k,
+                num_experts, num_rows, stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
+                stride_pre, stride_tok, stride_part, HAS_SLOTS, GATHER, SCATTER, IN_SCALE, OUT_SCALE, HAS_BIAS, ACT,
+                GATED, UPCAST, IEEE, STORE_PRE, ACT_BWD, ROW_DOT, BIAS_DOT, BLOCK_M, BLOCK_N, BLOCK_K, INTERLEAVED,
+                TMA_A, TMA_W, W_KMAJOR,
             )
 
 
@@ -342,6 +371,21 @@ def _interpreting() -> bool:
     return interpreting()
 
 
+def _tma_operands(cfg, x, w, trans_w, N, K, gather, dual, interleaved, block_k) -> tuple[bool, bool]:
+    """(weight, A) through TMA descriptors: the config's TMA flag (per architecture) and each operand's
+    layout meeting the descriptor rules (else the pointer path); A only when its rows are not gathered."""
+    if not cfg.get("TMA", False) or N <= 0 or K <= 0:
+        return False, False
+    stride_wn = w.stride(1) if trans_w else w.stride(2)
+    n_stride = 2 * stride_wn if dual and interleaved else stride_wn
+    up = (stride_wn if interleaved else N * stride_wn) if dual else None
+    tma_w = _tma.weight_fits(w, bool(trans_w), N, K, up, n_stride)
+    P = x.shape[0]
+    tma_a = not gather and _tma.descriptor_fits(x, (x.stride(0), x.stride(1)), (P, K)) and \
+        block_k * x.element_size() >= 16
+    return tma_w, tma_a
+
+
 def grouped_gemm(
     x, w, expert_offsets, bias, sorted_slots, trans_w, *, gather_top_k=0, activation="none", gated=False,
     interleaved=False, row_weights=None, scale_input=False, scatter_slots=0, slot_top_k=0, config=None, schedule=None,
@@ -402,6 +446,10 @@ def grouped_gemm(
     bias = bias.contiguous() if bias is not None else None
     bias_dot = bias_dot.contiguous() if bias_dot is not None else None
     h_arg = act_grad_of if act_bwd else pre
+    tma_w, tma_a = _tma_operands(cfg, x, w, trans_w, N, K, gather_top_k > 0, gated and not act_bwd,
+                                 bool(interleaved and gated), bk)
+    if tma_w or tma_a:
+        _tma.ensure_allocator(x.device)
     launch(grouped_gemm_kernel)[grid](
         x, w, (bias if bias is not None else bias_dot) if (bias is not None or bias_dot is not None) else w, y,
         sorted_slots if sorted_slots is not None else schedule.tile_segment,
@@ -420,7 +468,7 @@ def grouped_gemm(
         IEEE=x.dtype == torch.float32, STORE_PRE=store_pre, ACT_BWD=act_bwd, ROW_DOT=row_dots,
         BIAS_DOT=bias_dot is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         PERSISTENT=persistent, NUM_PROGS=cfg["NUM_PROGS"] if persistent else 1, INTERLEAVED=bool(interleaved and gated),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        TMA_A=tma_a, TMA_W=tma_w, W_KMAJOR=bool(trans_w), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return outs if len(outs) > 1 else y
 

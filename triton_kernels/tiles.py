@@ -23,6 +23,8 @@ dW tiles likewise (GROUP_A a-tiles per group of an expert, at the average rows p
 Stages: 4 where ``stages x (BM x BK + n_w x BK x BN) x bytes`` fits the architecture's shared memory
 (sm_90 232,448 B, sm_80 166,912 B, sm_86/89 101,376 B per block), else as many as fit (at least 2).
 Prefill GEMMs on sm_90 run persistent (grid = SMs x resident programs, striding over the real tiles).
+TMA: on sm_90 and newer the weights (and x when its rows are not gathered) load through descriptors
+(``configs.use_tma``; the pointer path where a layout does not fit one).
 On CPU (the interpreter) tiles are clamped small to keep it fast; the results do not depend on tiles.
 """
 
@@ -115,6 +117,7 @@ def gemm_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype,
         cfg["BLOCK_M"] = block_m
     cfg.setdefault("GROUP_M", group_m(cfg["BLOCK_M"], K, es, l2_bytes(device)))
     cfg.setdefault("PERSISTENT", False)
+    cfg.setdefault("TMA", configs.use_tma(cap))
     if interpreting() and device.type == "cpu":  # small tiles keep the interpreter fast
         cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 32) if block_m is None else block_m, BLOCK_N=min(cfg["BLOCK_N"], 64),
                    BLOCK_K=min(cfg["BLOCK_K"], 32))
