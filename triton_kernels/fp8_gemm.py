@@ -33,8 +33,9 @@ from . import configs as _configs
 from . import tma as _tma
 from ._launch import DIRECT, Target, TARGETS, target
 from ._utils import next_pow2
-from .grouped_gemm import ACTS, _activate, _dot
+from .grouped_gemm import ACTS, _activate, _bias_act, _dot, _store_rows, _tile_coords, _tile_rows, _zero_rows
 from .schedule import tile_schedule
+from .tiles import group_m, l2_bytes
 
 AMAX_FLOOR = tl.constexpr(1e-10)  # the amax floor (a zero group never divides by zero)
 FLOOR = 1e-10
@@ -121,32 +122,24 @@ def fp8_grouped_gemm_kernel(
     SCALE_IN_LOOP: tl.constexpr, OUT_AMAX: tl.constexpr, FP8_MAX: tl.constexpr, W_BITS: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr, ROUND_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, TMA_W: tl.constexpr = False,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 1, TMA_W: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    m_tile = pid % num_m_tiles
-    n_tile = pid // num_m_tiles
+    """One (m-tile, n-tile) per program over ``num_m_tiles`` (a bound) x n-tiles in the grouped GEMM's GROUP_M
+    order; its tile rows, bias, activation and store are the grouped GEMM's (``grouped_gemm._tile_rows`` ...)."""
+    m_tile, n_tile = _tile_coords(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     if m_tile >= tl.load(num_tiles_ptr):
         return
     e = tl.load(tile_expert_ptr + m_tile).to(tl.int64)
     row0 = tl.load(tile_row_ptr + m_tile).to(tl.int64)
-    row_end = tl.load(offsets_ptr + e + 1).to(tl.int64)
+    row_end = tl.load(offsets_ptr + e + 1).to(tl.int64)  # (E + 2 ends: the last is the row count)
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = n_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     if e >= num_experts:  # the rows past the last segment: zeros (in expert order only)
         if not SCATTER:
-            zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32).to(y_ptr.dtype.element_ty)
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], zero, mask=(rows < row_end)[:, None] & cmask[None, :])
+            _zero_rows(y_ptr, rows, cols, row_end, cmask, stride_ym, BLOCK_M, BLOCK_N)
         return
-    rmask = rows < row_end
-    if HAS_SLOTS:
-        slot = tl.load(slots_ptr + rows, mask=rmask, other=-1).to(tl.int64)
-        rmask = rmask & (slot >= 0)
-    if GATHER:
-        src = tl.where(rmask, slot // top_k, 0)
-    else:
-        src = rows
+    rmask, slot, src = _tile_rows(rows, row_end, slots_ptr, top_k, HAS_SLOTS, GATHER)
     if IN_SCALE or OUT_SCALE:
         row_w = tl.load(row_w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
     if A_MODE == 1:  # per-token / per-tensor scale, read once
@@ -228,26 +221,10 @@ def fp8_grouped_gemm_kernel(
         acc_g = acc_g * s_a[:, None]
         if GATED:
             acc_u = acc_u * s_a[:, None]
-    if HAS_BIAS:
-        acc_g += tl.load(bias_ptr + e * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_u += tl.load(bias_ptr + e * stride_be + inter + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if ACT != 0:
-        if GATED:
-            acc_g = _activate(acc_g, acc_u, ACT, GATED)
-        else:
-            acc_g = _activate(acc_g, acc_g, ACT, GATED)
-    if OUT_SCALE:
-        acc_g = acc_g * row_w[:, None]
-    if SCATTER:
-        dst = tl.where(rmask, slot, 0)
-        omask = rmask[:, None] & cmask[None, :]
-    else:
-        dst = rows
-        acc_g = tl.where(rmask[:, None], acc_g, 0.0)  # padding rows of a segment are zero
-        omask = (rows < row_end)[:, None] & cmask[None, :]
-    out = acc_g.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + dst[:, None] * stride_ym + cols[None, :], out, mask=omask)
+    acc_g, acc_u = _bias_act(acc_g, acc_u if GATED else acc_g, bias_ptr, e, stride_be, cols, inter, cmask, HAS_BIAS,
+                             ACT, GATED)
+    out, dst, omask = _store_rows(y_ptr, acc_g, rows, slot, rmask, row_end, cols, cmask, stride_ym,
+                                  row_w if OUT_SCALE else rmask, OUT_SCALE, SCATTER)
     if OUT_AMAX != 0:  # the next GEMM's dynamic scale, from the values as stored
         mag = tl.where(omask, tl.abs(out.to(tl.float32)), 0.0)
         s_row = tl.maximum(tl.max(mag, axis=1), AMAX_FLOOR) / FP8_MAX  # [BM]
@@ -259,6 +236,12 @@ def fp8_grouped_gemm_kernel(
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _group_m(bm: int, K: int, x: torch.Tensor, w: torch.Tensor) -> int:
+    """m-tiles per group of the tile order: as many as fill 70% of L2 with their A rows (the grouped GEMM's
+    ``tiles.group_m``), so that the weight tiles are read from HBM about once per group."""
+    return group_m(bm, K, x.element_size(), l2_bytes(x.device))
 
 
 def smem_bytes(cfg: dict, a_bytes: int, gated: bool) -> int:
@@ -394,7 +377,8 @@ def fp8_grouped_gemm(
         OUT_AMAX={"": 0, "token": 1, "tensor": 2}[out_amax], FP8_MAX=fmax, W_BITS=bool(weight_bits),
         UPCAST=_interpreting() and x.dtype == torch.bfloat16, IEEE=a_mode == 0 and x.dtype == torch.float32,
         ROUND_FP8=_interpreting(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TMA_W=tma_w, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", _group_m(bm, K, x, w_data)), TMA_W=tma_w,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y, ys
 

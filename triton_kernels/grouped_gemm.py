@@ -107,6 +107,67 @@ def _tile_coords(t, num_m, num_n, GROUP_M):
     return first_m + (t % in_group) % size, (t % in_group) // size
 
 
+# ----- the tile prologue and epilogue shared by the GEMM kernels (bf16/fp16/fp32 here, FP8 in fp8_gemm) -------
+
+@triton.jit
+def _zero_rows(y_ptr, rows, cols, num_rows, cmask, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Zeros in the rows of a tile past the last segment (in expert order, rows < ``num_rows``)."""
+    zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], zero, mask=(rows < num_rows)[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _tile_rows(rows, row_end, slots_ptr, top_k, HAS_SLOTS: tl.constexpr, GATHER: tl.constexpr):
+    """``(rmask, slot, src)`` of a tile's plan rows ``rows`` (int64) in a segment ending at ``row_end``: the live
+    rows (padding slots of a plan, -1, are dead), each row's slot, and the row of x it reads (the token
+    ``slot // top_k`` when gathering)."""
+    rmask = rows < row_end
+    slot = rows
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+        rmask = rmask & (slot >= 0)
+    if GATHER:
+        src = tl.where(rmask, slot // top_k, 0)
+    else:
+        src = rows
+    return rmask, slot, src
+
+
+@triton.jit
+def _bias_act(acc_g, acc_u, bias_ptr, e, stride_be, g_cols, up_shift, cmask, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+              DUAL: tl.constexpr, STOPPED: tl.constexpr = False):
+    """The bias (gate columns ``g_cols``, up columns ``g_cols + up_shift`` when DUAL) added to the fp32
+    accumulators, then the activation (``act(gate) * up`` when DUAL) unless STOPPED (the caller applies it
+    after keeping the pre-activation). Returns ``(acc_g, acc_u)``."""
+    if HAS_BIAS:
+        acc_g += tl.load(bias_ptr + e * stride_be + g_cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if DUAL:
+            acc_u += tl.load(bias_ptr + e * stride_be + up_shift + g_cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if ACT != 0 and not STOPPED:
+        acc_g = _activate(acc_g, acc_u if DUAL else acc_g, ACT, DUAL)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _store_rows(y_ptr, acc, rows, slot, rmask, row_end, cols, cmask, stride_ym, row_w, OUT_SCALE: tl.constexpr,
+                SCATTER: tl.constexpr):
+    """The epilogue's store of an fp32 tile: times the rows' routing weights (OUT_SCALE), at the rows' slots
+    (SCATTER: token order, dead rows not written) or in expert order with the padding rows of a segment zero.
+    Returns ``(values as stored, destination rows, store mask)``."""
+    if OUT_SCALE:
+        acc = acc * row_w[:, None]
+    if SCATTER:
+        dst = tl.where(rmask, slot, 0)
+        omask = rmask[:, None] & cmask[None, :]
+    else:
+        dst = rows
+        acc = tl.where(rmask[:, None], acc, 0.0)  # padding rows of a segment are zero
+        omask = (rows < row_end)[:, None] & cmask[None, :]
+    out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + dst[:, None] * stride_ym + cols[None, :], out, mask=omask)
+    return out, dst, omask
+
+
 @triton.jit
 def _gemm_tile(
     m_tile, n_tile, x_ptr, w_ptr, bias_ptr, y_ptr, slots_ptr, row_w_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
@@ -126,19 +187,10 @@ def _gemm_tile(
     cmask = cols < N
     if e >= num_experts:  # the rows past the last segment: zeros (in expert order only)
         if not SCATTER and not ACT_BWD:
-            zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32).to(y_ptr.dtype.element_ty)
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], zero, mask=(rows < num_rows)[:, None] & cmask[None, :])
+            _zero_rows(y_ptr, rows, cols, num_rows, cmask, stride_ym, BLOCK_M, BLOCK_N)
     else:
         row_end = tl.load(offsets_ptr + e + 1).to(tl.int64)
-        rmask = rows < row_end
-        slot = rows
-        if HAS_SLOTS:
-            slot = tl.load(slots_ptr + rows, mask=rmask, other=-1).to(tl.int64)
-            rmask = rmask & (slot >= 0)
-        if GATHER:
-            src = tl.where(rmask, slot // top_k, 0)
-        else:
-            src = rows
+        rmask, slot, src = _tile_rows(rows, row_end, slots_ptr, top_k, HAS_SLOTS, GATHER)
         if IN_SCALE or OUT_SCALE:
             row_w = tl.load(row_w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
         DUAL: tl.constexpr = GATED and not ACT_BWD  # gate and up tiles in the main loop
@@ -212,36 +264,23 @@ def _gemm_tile(
             tl.store(act_out_ptr + rows[:, None] * N + cols[None, :],
                      tl.where(rmask[:, None], act, 0.0).to(act_out_ptr.dtype.element_ty), mask=wmask)
         else:
-            if HAS_BIAS:
-                acc_g += tl.load(bias_ptr + e * stride_be + w_cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                if DUAL:
-                    acc_u += tl.load(bias_ptr + e * stride_be + up_shift + g_cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            acc_g, acc_u = _bias_act(acc_g, acc_g if not DUAL else acc_u, bias_ptr, e, stride_be, w_cols, up_shift,
+                                     cmask, HAS_BIAS, ACT, DUAL, STORE_PRE)
             if STORE_PRE:  # the pre-activation (in w13's row order), kept for the backward
                 pmask = (rows < row_end)[:, None] & cmask[None, :]
                 p_ptrs = pre_ptr + rows[:, None] * stride_pre + w_cols[None, :]
                 tl.store(p_ptrs, tl.where(rmask[:, None], acc_g, 0.0).to(pre_ptr.dtype.element_ty), mask=pmask)
                 if DUAL:
                     tl.store(p_ptrs + up_shift, tl.where(rmask[:, None], acc_u, 0.0).to(pre_ptr.dtype.element_ty), mask=pmask)
-            if ACT != 0:
-                if DUAL:
-                    acc_g = _activate(acc_g, acc_u, ACT, GATED)
-                else:
-                    acc_g = _activate(acc_g, acc_g, ACT, GATED)
+                if ACT != 0:
+                    acc_g = _activate(acc_g, acc_u if DUAL else acc_g, ACT, DUAL)
             if ROW_DOT:  # d(routing weight on the input) partial: <dX row before the weight, token row>
                 tok_row = tl.where(rmask, slot // top_k, 0)
                 tok = tl.load(tok_ptr + tok_row[:, None] * stride_tok + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                               other=0.0).to(tl.float32)
                 tl.store(part_ptr + n_tile * stride_part + slot, tl.sum(acc_g * tok, 1), mask=rmask)
-            if OUT_SCALE:
-                acc_g = acc_g * row_w[:, None]
-            if SCATTER:
-                dst = tl.where(rmask, slot, 0)
-                omask = rmask[:, None] & cmask[None, :]
-            else:
-                dst = rows
-                acc_g = tl.where(rmask[:, None], acc_g, 0.0)  # padding rows of a segment are zero
-                omask = (rows < row_end)[:, None] & cmask[None, :]
-            tl.store(y_ptr + dst[:, None] * stride_ym + cols[None, :], acc_g.to(y_ptr.dtype.element_ty), mask=omask)
+            _store_rows(y_ptr, acc_g, rows, slot, rmask, row_end, cols, cmask, stride_ym, row_w if OUT_SCALE else rmask,
+                        OUT_SCALE, SCATTER)
 
 
 @triton.jit
