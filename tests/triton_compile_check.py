@@ -1,7 +1,9 @@
 """What the GPU compiler makes of every Triton launch of the package, without a GPU.
 
 The public ops run on meta tensors at the models.json shapes (T = 1, 16, 4096 tokens; forward and
-backward; gating, expert choice, plan, permute, grouped GEMM, fused MoE, LoRA experts) while the one
+backward; gating, expert choice, plan, permute, grouped GEMM, fused MoE, LoRA experts; the fused MoE with
+FP8 weights (block 128x128, per channel, per tensor) and weight-only int8 / int4 / mxfp4 weights, as
+``QuantizedWeight``, forward) while the one
 launch path (``triton_kernels/_launch.py``) records every launch instead of running it: kernels added
 anywhere behind those ops show up here without a change. Each distinct launch is specialised with
 Triton's own launch-time rules (its JIT binder: ints equal to 1 become constants, ints divisible by 16
@@ -10,7 +12,10 @@ configs chosen for that architecture (``MOE_KERNELS_ASSUME_DEVICE``). It fails o
 
 - shared memory above the architecture's limit per block,
 - any spilled (local) bytes,
-- a prefill GEMM (rows per expert >= 64) without wgmma on sm_90a,
+- a prefill GEMM (rows per expert >= 64) without wgmma on sm_90a, and an FP8 prefill GEMM whose wgmma
+  does not take e4m3 operands;
+- a GEMM kernel of bf16 inputs whose dot runs without tensor cores (neither wgmma nor mma.sync);
+- a launch with a TMA flag on (``TMA_W``/``TMA_A``, set on sm_90) whose code has no ``cp.async.bulk.tensor``,
 
 and prints a table per architecture (``--write`` also writes ``bench/results/compile_<arch>.md``).
 Compiled results are cached by launch key, kernel source and Triton version
@@ -55,13 +60,20 @@ TOKENS = (1, 16, 4096)
 # gating over 256 experts, decode and prefill GEMMs (the wgmma rule, the fits), forward and backward.
 SUBSET = ("deepseek-v3",)
 SUBSET_TOKENS = (1, 4096)
+SUBSET_QUANT = ("fp8 block128", "int8 channel", "mxfp4")
 PREFILL_ROWS = 64
-RESULT_FORMAT = "2"  # what a cached result holds (2: ptxas spill bytes); part of the cache key
+RESULT_FORMAT = "2"  # what a cached result holds (2: ptxas spill bytes; the MMA operand type where compiled since); part of the cache key
 LORA_RANK = 16
 # Launches of a GEMM kernel that are too thin for a 64-row MMA whatever the batch (the dW kernel computing
 # a bias gradient as ones^T @ dY has one output row): exempt from the wgmma rule.
 THIN = {"grouped_wgrad_kernel": lambda a: a["A"] < 64 or a["B"] < 64}
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+# Quantized experts driven through fused_moe: (label, fmt, layout keywords). FP8 in DeepSeek-V3's 128x128 blocks,
+# per channel and per tensor; weight-only int8 per channel, int4 in groups of 128 with zero points, mxfp4.
+QUANT = (("fp8 block128", "fp8", dict(block_shape=(128, 128))), ("fp8 channel", "fp8", dict(per_channel=True)),
+         ("fp8 tensor", "fp8", {}), ("int8 channel", "int8", {}), ("int4 g128 zp", "int4", dict(group_size=128, zero=True)),
+         ("mxfp4", "mxfp4", dict(group_size=32)))
+FP8_KERNELS = ("fp8_grouped_gemm_kernel",)
 
 
 # ----- driving the ops ------------------------------------------------------------------------------
@@ -77,8 +89,9 @@ def _meta(*shape, dtype=torch.bfloat16, grad=False):
     return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
 
 
-def drive(name: str, cfg: dict, T: int) -> list:
-    """Every launch the ops make for one model at T tokens, forward and backward."""
+def drive(name: str, cfg: dict, T: int, quant=None) -> list:
+    """Every launch the ops make for one model at T tokens, forward and backward, and the quantized fused MoE
+    forward for the ``QUANT`` labels in ``quant`` (default: all)."""
     H, I, E, k = cfg["hidden"], cfg["intermediate"], cfg["experts"], cfg["top_k"]
     gated = cfg.get("gated", True)
     act = cfg.get("activation", "silu")
@@ -127,7 +140,45 @@ def drive(name: str, cfg: dict, T: int) -> list:
         y = mk.lora_moe(x, _meta(I, H), a, b, w, ids, backend="triton")
         y.float().sum().backward()
     out += rec
+    for label, fmt, layout in QUANT:
+        if quant is not None and label not in quant:
+            continue
+        if fmt in ("int4", "mxfp4") and (H % layout["group_size"] or I % layout["group_size"]):
+            continue  # groups never straddle K (gpt-oss's I = 2880 is a multiple of 32, not of 128)
+        with _launch.record(**tags, op=f"fused_moe {label}") as rec:
+            x = _meta(T, H)
+            w13 = quantized_meta(E, (2 if gated else 1) * I, H, fmt, layout)
+            w2 = quantized_meta(E, H, I, fmt, layout)
+            b13 = _meta(E, (2 if gated else 1) * I) if cfg.get("bias") else None
+            b2 = _meta(E, H) if cfg.get("bias") else None
+            mk.fused_moe(x, w13, w2, w.detach(), ids, activation=act, gated=gated, w13_bias=b13, w2_bias=b2,
+                         backend="triton")
+        out += rec
     return out
+
+
+def quantized_meta(E: int, N: int, K: int, fmt: str, layout: dict):
+    """A ``QuantizedWeight`` of dense shape ``[E, N, K]`` on the meta device, in the layouts of ``moe_kernels.quant``
+    and ``moe_kernels.quant_int`` (what a checkpoint loads)."""
+    from moe_kernels.quant import QuantizedWeight
+
+    f32 = torch.float32
+    if fmt == "fp8":
+        data = torch.empty(E, N, K, dtype=torch.float8_e4m3fn, device="meta")
+        if "block_shape" in layout:
+            bn, bk = layout["block_shape"]
+            return QuantizedWeight(data=data, scale=_meta(E, -(-N // bn), -(-K // bk), dtype=f32), block_shape=(bn, bk))
+        return QuantizedWeight(data=data, scale=_meta(E, N, 1, dtype=f32) if layout.get("per_channel") else _meta(E, dtype=f32))
+    if fmt == "int8":
+        return QuantizedWeight(data=torch.empty(E, N, K, dtype=torch.int8, device="meta"), scale=_meta(E, N, dtype=f32),
+                               fmt="int8")
+    g = layout["group_size"]
+    data = torch.empty(E, N, K // 2, dtype=torch.uint8, device="meta")
+    if fmt == "mxfp4":
+        return QuantizedWeight(data=data, scale=torch.empty(E, N, K // g, dtype=torch.uint8, device="meta"), fmt="mxfp4",
+                               group_size=g)
+    zero = torch.empty(E, N // 2, K // g, dtype=torch.uint8, device="meta") if layout.get("zero") else None
+    return QuantizedWeight(data=data, scale=_meta(E, N, K // g, dtype=f32), fmt="int4", zero=zero, group_size=g)
 
 
 # ----- specialisation and compilation ---------------------------------------------------------------
@@ -168,7 +219,7 @@ def compile_one(job: dict) -> dict:
     except Exception as exc:  # a kernel the compiler rejects is a failure of the check, not a crash
         msg = str(exc) if len(str(exc)) <= 900 else str(exc)[:300] + " [...] " + str(exc)[-600:]  # where, and why
         return {"error": f"{exc.__class__.__name__}: {msg}", "smem": 0, "regs": -1, "stack": 0, "local": 0, "spill": 0,
-                "mma": "-", "dot": False, "cp_async": False, "tma": False, "seconds": 0}
+                "mma": "-", "mma_in": "-", "dot": False, "cp_async": False, "tma": False, "seconds": 0}
 
 
 def _compile_one(job: dict) -> dict:
@@ -193,10 +244,20 @@ def _compile_one(job: dict) -> dict:
     res["regs"], res["stack"], res["local"] = (int(m.group(1)), int(m.group(2)), int(m.group(4))) if m else (-1, -1, -1)
     res["spill"] = _spill_bytes(ptx, job["cc"]) if res["stack"] != 0 else 0  # a stack frame need not be a spill
     res["mma"] = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
+    res["mma_in"] = _mma_operands(ptx)
     res["dot"] = "tt.dot" in ck.asm["ttir"]
     res["cp_async"] = bool(re.search(r"cp\.async\.(cg|ca)", ptx))
     res["tma"] = "cp.async.bulk.tensor" in ptx
     return res
+
+
+def _mma_operands(ptx: str) -> str:
+    """The operand types of the tensor-core MMAs in ``ptx`` (``e4m3``, ``bf16``, ...), ``/``-joined; ``-`` if none."""
+    found = set()
+    for ins in re.findall(r"(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx):
+        parts = ins.split(".")
+        found.update(p for p in parts if p in ("e4m3", "e5m2", "bf16", "f16", "tf32", "s8", "u8"))
+    return "/".join(sorted(found)) or "-"
 
 
 def _spill_bytes(ptx: str, cc: int) -> int:
@@ -265,7 +326,7 @@ def _tiles(constexprs, names) -> str:
     return "x".join(f"{v}" for (i,), v in sorted(constexprs.items()) if names[i].startswith("BLOCK")) or "-"
 
 
-def run(archs, models, jobs: int, tokens=TOKENS) -> tuple[dict, list]:
+def run(archs, models, jobs: int, tokens=TOKENS, quant=None) -> tuple[dict, list]:
     """Rows of the table per architecture and the failures."""
     cache = _load_cache()
     tables, failures = {}, []
@@ -276,7 +337,7 @@ def run(archs, models, jobs: int, tokens=TOKENS) -> tuple[dict, list]:
         distinct = {}  # key -> (job, first record, constexprs, set of drivers, prefill?)
         for name, cfg in models.items():
             for T in tokens:
-                for rec in drive(name, cfg, T):
+                for rec in drive(name, cfg, T, quant):
                     try:
                         key, job, constexprs = launch_key(rec, cc)
                     except Exception as exc:  # an argument the JIT binder cannot specialise from a meta tensor
@@ -286,7 +347,9 @@ def run(archs, models, jobs: int, tokens=TOKENS) -> tuple[dict, list]:
                     args = dict(zip(names, rec.args))
                     thin = THIN.get(rec.name, lambda a: False)(args)
                     entry = distinct.setdefault(key, {"job": job, "rec": rec, "constexprs": constexprs, "uses": set(),
-                                                      "prefill": False})
+                                                      "prefill": False, "bf16": any(
+                                                          isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16
+                                                          for a in rec.args[:1])})
                     entry["uses"].add(f"{name} T={T} {rec.tags['op']}")
                     entry["prefill"] |= rec.tags["rows"] >= PREFILL_ROWS and not thin
         todo = [k for k in distinct if k not in cache]
@@ -310,6 +373,14 @@ def run(archs, models, jobs: int, tokens=TOKENS) -> tuple[dict, list]:
                                 f"{res['stack']} B stack frame)")
             if arch == "sm_90a" and e["prefill"] and res["dot"] and res["mma"] != "wgmma":
                 problems.append(f"a prefill GEMM without wgmma ({res['mma']})")
+            if arch == "sm_90a" and e["prefill"] and rec.name in FP8_KERNELS and "e4m3" not in res["mma_in"] \
+                    and e["constexprs"].get((names.index("A_MODE"),), 0) != 0:
+                problems.append(f"an FP8 prefill GEMM whose MMA does not take e4m3 operands ({res['mma_in']})")
+            if "gemm" in rec.name and res["dot"] and res["mma"] == "-" and e["bf16"]:
+                problems.append("a bf16 GEMM without tensor-core MMA")
+            tma_on = [n for n in ("TMA_W", "TMA_A") if n in names and e["constexprs"].get((names.index(n),)) is True]
+            if tma_on and not res["tma"] and "error" not in res:
+                problems.append(f"{'/'.join(tma_on)} set but no cp.async.bulk.tensor in the code")
             row = {"kernel": rec.name, "flags": _flags(rec, e["constexprs"], names), "tiles": _tiles(e["constexprs"], names),
                    "warps": e["job"]["options"].get("num_warps"), "stages": e["job"]["options"].get("num_stages"),
                    **res, "uses": len(e["uses"]), "example": sorted(e["uses"])[0], "problems": problems}
@@ -325,14 +396,16 @@ def table(arch: str, rows: list) -> str:
     limit = _launch.TARGETS[ARCHS[arch][0]].smem_per_block
     head = (f"# Triton launches compiled for {arch}\n\n"
             f"Written by `python tests/triton_compile_check.py --write` (triton {triton.__version__}): every distinct\n"
-            f"launch of the ops at the models.json shapes (T = {', '.join(map(str, TOKENS))}; forward and backward),\n"
-            f"specialised as the JIT does and compiled for {arch}, configs chosen for that architecture.\n"
+            f"launch of the ops at the models.json shapes (T = {', '.join(map(str, TOKENS))}; forward and backward; the fused\n"
+            f"MoE forward with FP8 and weight-only experts: {', '.join(q[0] for q in QUANT)}),\n"
+            f"specialised as the JIT does and compiled for {arch}, configs chosen for that architecture; compiled, never run.\n"
+            f"MMA in: the tensor-core operand type; TMA: `cp.async.bulk.tensor` in the code.\n"
             f"Shared memory limit per block: {limit} B. Uses: how many (model, T, op) drivers make this launch.\n\n"
-            "| kernel | flags | tiles | warps | stages | smem B | regs | spills B | MMA | cp.async | TMA | uses | example | problems |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| kernel | flags | tiles | warps | stages | smem B | regs | spills B | MMA | MMA in | cp.async | TMA | uses | example | problems |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['kernel']} | {r['flags']} | {r['tiles']} | {r['warps']} | {r['stages']} | {r['smem']} | {r['regs']} | "
-        f"{r['local'] + max(r.get('spill', r['stack']), 0)} | {r['mma']} | {'yes' if r['cp_async'] else 'no'} | {'yes' if r['tma'] else 'no'} | "
+        f"{r['local'] + max(r.get('spill', r['stack']), 0)} | {r['mma']} | {r.get('mma_in', '-')} | {'yes' if r['cp_async'] else 'no'} | {'yes' if r['tma'] else 'no'} | "
         f"{r['uses']} | {r['example']} | {'; '.join(r['problems']) or 'ok'} |\n" for r in rows)
     return head + body
 
@@ -340,14 +413,16 @@ def table(arch: str, rows: list) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="*", default=list(ARCHS), choices=list(ARCHS))
-    ap.add_argument("--subset", action="store_true", help=f"only {', '.join(SUBSET)} at T = {SUBSET_TOKENS}")
+    ap.add_argument("--subset", action="store_true",
+                    help=f"only {', '.join(SUBSET)} at T = {SUBSET_TOKENS}, quantized: {', '.join(SUBSET_QUANT)}")
     ap.add_argument("--models", nargs="*", help="model names of models.json")
     ap.add_argument("--write", action="store_true", help="write bench/results/compile_<arch>.md")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     a = ap.parse_args(argv)
     models = load_models(a.models or (SUBSET if a.subset else None))
     t0 = time.time()
-    tables, failures = run(a.arch, models, a.jobs, SUBSET_TOKENS if a.subset else TOKENS)
+    tables, failures = run(a.arch, models, a.jobs, SUBSET_TOKENS if a.subset else TOKENS,
+                           SUBSET_QUANT if a.subset else None)
     for arch, rows in tables.items():
         text = table(arch, rows)
         print(text)
