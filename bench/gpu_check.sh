@@ -115,14 +115,14 @@ step build 150 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MOE_KERN
 
 pytest_q() { python -m pytest -q -p no:cacheprovider -o addopts="" "$@"; }
 
-step kernels 100 pytest_q -x -n "$workers" tests/test_gemm_kernels.py tests/test_permute_kernels.py \
+step kernels 100 pytest_q -x -n "$workers" tests/test_gemm_kernels.py tests/test_tma.py tests/test_permute_kernels.py \
   tests/test_gating_kernels.py tests/test_expert_choice.py tests/test_nan_propagation.py tests/test_launch.py tests/test_cuda_fixes.py \
   --junitxml="$out/kernels.xml"
 step compile_graphs_invariance 70 pytest_q -n "$workers" tests/test_batch_invariance.py \
-  tests/test_gemm_kernels.py tests/test_lora.py tests/test_gating_kernels.py tests/test_routing.py \
+  tests/test_gemm_kernels.py tests/test_tma.py tests/test_lora.py tests/test_gating_kernels.py tests/test_routing.py \
   -k "compile or graph or opcheck or invarian" --junitxml="$out/compile.xml"
 step rest_of_suite 60 pytest_q -n "$workers" tests --junitxml="$out/suite.xml" \
-  --ignore=tests/test_triton_compile.py --ignore=tests/test_gemm_kernels.py --ignore=tests/test_permute_kernels.py \
+  --ignore=tests/test_triton_compile.py --ignore=tests/test_gemm_kernels.py --ignore=tests/test_tma.py --ignore=tests/test_permute_kernels.py \
   --ignore=tests/test_gating_kernels.py --ignore=tests/test_expert_choice.py --ignore=tests/test_nan_propagation.py
 step memcheck 50 compute-sanitizer --tool memcheck --error-exitcode 9 \
   python -m pytest -q -x -p no:cacheprovider tests/test_gemm_kernels.py tests/test_permute_kernels.py \

@@ -238,7 +238,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _group_m(bm: int, K: int, x: torch.Tensor, w: torch.Tensor) -> int:
+def _group_m(bm: int, K: int, x: torch.Tensor) -> int:
     """m-tiles per group of the tile order: as many as fill 70% of L2 with their A rows (the grouped GEMM's
     ``tiles.group_m``), so that the weight tiles are read from HBM about once per group."""
     return group_m(bm, K, x.element_size(), l2_bytes(x.device))
@@ -359,7 +359,7 @@ def fp8_grouped_gemm(
     ends = torch.cat([expert_offsets.to(torch.int64), expert_offsets.new_full((1,), P, dtype=torch.int64)])  # [E+2]
     grid = (max_tiles * triton.cdiv(N, bn),)
     bias = bias.contiguous() if bias is not None else None
-    tma_w = bool(cfg.get("TMA", _configs.use_tma(target(x.device).capability))) and \
+    tma_w = bool(cfg.get("TMA", _configs.use_tma(target(x.device).capability))) and max(bn, bk) <= _tma.MAX_BOX and \
         _tma.weight_fits(w_data, True, N, K, N * w_data.stride(1) if gated else None)
     if tma_w:
         _tma.ensure_allocator(x.device)
@@ -377,7 +377,7 @@ def fp8_grouped_gemm(
         OUT_AMAX={"": 0, "token": 1, "tensor": 2}[out_amax], FP8_MAX=fmax, W_BITS=bool(weight_bits),
         UPCAST=_interpreting() and x.dtype == torch.bfloat16, IEEE=a_mode == 0 and x.dtype == torch.float32,
         ROUND_FP8=_interpreting(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", _group_m(bm, K, x, w_data)), TMA_W=tma_w,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", _group_m(bm, K, x)), TMA_W=tma_w,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y, ys

@@ -413,7 +413,7 @@ def _interpreting() -> bool:
 def _tma_operands(cfg, x, w, trans_w, N, K, gather, dual, interleaved, block_k) -> tuple[bool, bool]:
     """(weight, A) through TMA descriptors: the config's TMA flag (per architecture) and each operand's
     layout meeting the descriptor rules (else the pointer path); A only when its rows are not gathered."""
-    if not cfg.get("TMA", False) or N <= 0 or K <= 0:
+    if not cfg.get("TMA", False) or N <= 0 or K <= 0 or max(cfg["BLOCK_M"], cfg["BLOCK_N"], block_k) > _tma.MAX_BOX:
         return False, False
     stride_wn = w.stride(1) if trans_w else w.stride(2)
     n_stride = 2 * stride_wn if dual and interleaved else stride_wn

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 MAX_DIM = 2**31 - 1  # descriptor shapes and coordinates are int32
+MAX_BOX = 256  # elements per dimension of one TMA box
 
 
 def _aligned_base(t: torch.Tensor) -> bool:
