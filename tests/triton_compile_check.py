@@ -157,6 +157,24 @@ def drive(name: str, cfg: dict, T: int, quant=None) -> list:
     return out
 
 
+def _weight_only_on_the_assumed_target():
+    """The FP8 ops choose weight-only (w8a16) from the tensors' GPU (no fp8 tensor cores before sm_89); the meta
+    tensors driven here stand for ``MOE_KERNELS_ASSUME_DEVICE``: choose as that GPU would."""
+    from moe_kernels import _quant_ops
+
+    gpu_rule = _quant_ops.weight_only
+
+    def weight_only(device):
+        if device.type == "meta":
+            return tuple(_launch.assumed_target().capability) < (8, 9)
+        return gpu_rule(device)
+
+    _quant_ops.weight_only = weight_only
+
+
+_weight_only_on_the_assumed_target()
+
+
 def quantized_meta(E: int, N: int, K: int, fmt: str, layout: dict):
     """A ``QuantizedWeight`` of dense shape ``[E, N, K]`` on the meta device, in the layouts of ``moe_kernels.quant``
     and ``moe_kernels.quant_int`` (what a checkpoint loads)."""

@@ -10,7 +10,8 @@ rows/expert  tile (BLOCK_M x BLOCK_N x K)    why
 ============ ============================== =================================================
 <= 16        16 x 64 x 128, 4 warps          decode: bound by the weight bytes; many n-tiles
 <= 32        32 x 128 x 64, 4 warps
-<= 96        64 x 128 x 64, 4 warps          one warpgroup MMA (wgmma m64) per tile
+<= 96        64 x 128 x 64, 4 warps          one warpgroup MMA (wgmma m64) per tile (gated: 8 warps,
+                                             dA: 64 x 64; no spills)
 > 96         128 x 256 x 64, 8 warps (sm_90)  prefill: BLOCK_N 256 for one weight matrix, 128 for the
              128 x 128 x 64, 8 warps          gated GEMM (two accumulators) on sm_90, one weight on sm_80/86/89;
              128 x 64 x 64, 8 warps           the dA GEMM (its epilogue holds h, dH and act(h) tiles:
@@ -102,8 +103,9 @@ def gemm_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype,
             cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
         elif rows <= 32:
             cfg = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4)
-        elif rows <= 96:
-            cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4)
+        elif rows <= 96:  # the gated GEMM's two accumulators: 8 warps; the dA epilogue's h/dH tiles: 64 wide
+            cfg = dict(BLOCK_M=64, BLOCK_N=64 if kernel == "gemm_act_bwd" else 128, BLOCK_K=64,
+                       num_warps=8 if kernel == "gemm_gated" else 4)
         else:
             wide = cap >= (9, 0) and kernel == "gemm"  # the dA epilogue holds h tiles too: 128 wide
             narrow = kernel == "gemm_act_bwd" or (kernel == "gemm_gated" and cap < (9, 0))
