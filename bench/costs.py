@@ -267,7 +267,7 @@ def _gemm_launch(name, rows, N, K, es, kernel, E, arch, out_bytes, extra_bytes=0
     if fmt in WEIGHT_ONLY:  # the weight-only kernel: its own tiles, m-tile-fastest order
         bits = 8 if fmt == "int8" else 4
         group = 0 if fmt == "int8" else 32 if fmt == "mxfp4" else int4_group(K)
-        cfg = wna16_gemm.default_config(M, N, K, E, es, bits, n_w == 2, group, t)
+        cfg = wna16_gemm.default_config(M, N, K, E, es, bits, n_w == 2, group, t, fmt)
         per_prog, g = wna16_gemm.smem_bytes(cfg, es, bits, n_w == 2), 0
     else:
         cfg = tiles.gemm_config(kernel, M, N, K, E, {2: torch.bfloat16, 4: torch.float32}[es], torch.device("meta"))
