@@ -31,6 +31,9 @@ DeepSeek-V3 DeepseekV3MoE           fp32 router, sigmoid; ``e_score_correction_b
                                     plus the shared experts
 gpt-oss     GptOssMLP               router with bias, softmax over the top-k logits (= softmax, top-k,
                                     renormalise); expert biases; ``swiglu_oai``; returns ``(out, router_scores)``
+gpt-oss     Mxfp4GptOssMLP, or      as gpt-oss, with the experts held in MXFP4 (``Mxfp4GptOssExperts``) served
+(MXFP4)     GptOssMLP holding       packed (:mod:`.hf_mxfp4`); returns ``(out, router_logits)`` as transformers'
+            Mxfp4GptOssExperts      MXFP4 block
 =========== ======================= ==========================================================================
 
 Example::
