@@ -2,6 +2,8 @@
 packed tensors, the modelled times, and the rows themselves (the Triton rows run in the interpreter here, checked
 against the torch reference)."""
 
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ import moe_kernels as mk
 from bench import costs, gemm
 from bench import moe as bench_moe
 from bench.shapes import load_models, make_shape
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.mark.parametrize("name", list(costs.QUANT_FORMATS))
@@ -60,6 +64,6 @@ def test_gemm_suite_quantized_rows(monkeypatch):
         N, K = (s.I2, s.H) if r["op"].startswith("gate_up") else (s.H, s.I)
         assert r["w_mb"] == pytest.approx(r["active_experts"] * costs.weight_bytes(name, N, K, 4) / 1e6, rel=1e-3)
         assert r["h200_ms"] > 0
-        if r["backend"] == "triton":  # the interpreter's correctness row against the torch reference
+        if r["backend"] == "triton" and INTERP:  # the interpreter's correctness row against the torch reference
             assert r["err_vs_ref"] is not None and r["err_vs_ref"] < 1e-4, r
     assert any("not a speed path" in n for n in facts["notes"])

@@ -23,6 +23,7 @@ from moe_kernels.integrations.transformers import patch  # noqa: E402
 from moe_kernels.testing import assert_close  # noqa: E402
 
 FAST = [b for b in ("triton",) if mk.backends()[b].available]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton rows run in the interpreter on CPU
 
 
 # ----- a stand-in for the kernels hub's triton_kernels (tensor wrappers, layouts, precision config) --------------
@@ -99,7 +100,7 @@ def _checkpoint(E, N, K):
 def _models(cfg, monkeypatch):
     """``(mxfp4_model, dense_model)``: the same weights, held in MXFP4 by transformers' quantizer code, and
     dequantized by transformers into the eager gpt-oss experts (fp32)."""
-    dense = transformers.GptOssForCausalLM(cfg).float().eval()
+    dense = transformers.GptOssForCausalLM(cfg).float().eval().to(DEV)
     E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     ckpt = []
     for layer in dense.model.layers:
@@ -120,8 +121,8 @@ def _models(cfg, monkeypatch):
         assert type(ex).__name__ == "Mxfp4GptOssExperts" and hf_mxfp4.is_mxfp4_block(layer.mlp)
         for name in ("gate_up_proj_bias", "down_proj_bias"):  # left on the meta device by the swap
             setattr(ex, name, torch.nn.Parameter(getattr(src.mlp.experts, name).detach().clone(), requires_grad=False))
-        mx.swizzle_mxfp4_convertops(*gu, ex, "gate_up_proj", "cpu", hub)
-        mx.swizzle_mxfp4_convertops(*dn, ex, "down_proj", "cpu", hub)
+        mx.swizzle_mxfp4_convertops(*gu, ex, "gate_up_proj", DEV, hub)
+        mx.swizzle_mxfp4_convertops(*dn, ex, "down_proj", DEV, hub)
         assert not isinstance(ex.gate_up_proj, torch.Tensor)  # a hub tensor, as after a real load
     return model, dense
 
@@ -136,7 +137,7 @@ def _block_forward_reference(dense_block, x):
 def test_block_matches_transformers_dequantized(monkeypatch, E, k):
     cfg = _config(E=E, k=k, H=64, I=96)
     model, dense = _models(cfg, monkeypatch)
-    x = torch.randn(2, 7, cfg.hidden_size)
+    x = torch.randn(2, 7, cfg.hidden_size, device=DEV)
     block = mk.integrations.transformers.from_hf(model.model.layers[0].mlp, backend="torch")
     assert isinstance(block, hf_mxfp4.Mxfp4MoEBlock)
     out, logits = block(x)
@@ -150,7 +151,7 @@ def test_patched_model_matches_transformers_dequantized(monkeypatch):
     model, dense = _models(cfg, monkeypatch)
     assert patch(model, backend="torch") == 2
     assert all(isinstance(layer.mlp, hf_mxfp4.Mxfp4MoEBlock) for layer in model.model.layers)
-    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), device=DEV)
     with torch.no_grad():
         got, want = model(ids).logits, dense(ids).logits
     assert_close("logits", got, want, rms_tol=1e-5)
@@ -163,7 +164,7 @@ def test_weights_stay_packed_and_are_read_once(monkeypatch):
     m1 = hf_mxfp4.mxfp4_experts(ex)
     assert m1.w13.fmt == "mxfp4" and m1.w13.data.dtype == torch.uint8 and list(m1.w13.shape) == [4, 128, 64]
     assert m1.w13.data.numel() == 4 * 128 * 32  # packed bytes, never a dequantized weight
-    x = torch.randn(5, 64)
+    x = torch.randn(5, 64, device=DEV)
     block(x)
     block(x)
     assert hf_mxfp4.mxfp4_experts(ex) is m1  # no per-call conversion
@@ -189,7 +190,7 @@ def test_plain_checkpoint_tensors(monkeypatch):
         setattr(ex, f"{proj}_precision_config", None)
         setattr(ex, f"{proj}_blocks", data.reshape(*scales.shape, 16).clone())
         setattr(ex, f"{proj}_scales", scales.clone())
-    x = torch.randn(1, 6, 64)
+    x = torch.randn(1, 6, 64, device=DEV)
     out, _ = mk.integrations.transformers.from_hf(model.model.layers[0].mlp, backend="torch")(x)
     ref, _ = _block_forward_reference(dense.model.layers[0].mlp, x)
     assert_close("out", out, ref, rms_tol=1e-5)
@@ -200,7 +201,7 @@ def test_plain_checkpoint_tensors(monkeypatch):
 def test_triton_path(monkeypatch, backend, dtype):
     cfg = _config(E=4, k=2, H=64, I=64)
     model, dense = _models(cfg, monkeypatch)
-    x = torch.randn(11, cfg.hidden_size)
+    x = torch.randn(11, cfg.hidden_size, device=DEV)
     mlp = model.model.layers[0].mlp
     ex = mlp.experts
     logits = torch.nn.functional.linear(x, mlp.router.weight, mlp.router.bias)
@@ -217,9 +218,9 @@ def test_triton_path_matches_torch_path_zero_and_one_token(monkeypatch):
     model, _ = _models(_config(E=4, k=2, H=64, I=64), monkeypatch)
     ex = model.model.layers[0].mlp.experts
     for T in (0, 1):
-        x = torch.randn(T, 64)
-        ids = torch.randint(0, 4, (T, 2))
-        w = torch.rand(T, 2)
+        x = torch.randn(T, 64, device=DEV)
+        ids = torch.randint(0, 4, (T, 2), device=DEV)
+        w = torch.rand(T, 2, device=DEV)
         ref = hf_mxfp4.mxfp4_experts_forward(ex, x, ids, w, backend="torch")
         assert ref.shape == (T, 64)
         for b in FAST:
@@ -253,8 +254,8 @@ def test_refusals(monkeypatch):
     bad.down_proj_precision_config = types.SimpleNamespace(weight_scale=object())
     with pytest.raises(ValueError, match="neither a torch.Tensor nor a kernels-hub tensor"):
         hf_mxfp4.mxfp4_experts(bad)
-    bad.__dict__["down_proj"] = torch.zeros(4, 64, 16, dtype=torch.uint8)
+    bad.__dict__["down_proj"] = torch.zeros(4, 64, 16, dtype=torch.uint8, device=DEV)
     bad.down_proj_precision_config = None
-    bad.down_proj_scales = torch.zeros(4, 64, 1, dtype=torch.uint8)  # I/32 = 2 groups expected
+    bad.down_proj_scales = torch.zeros(4, 64, 1, dtype=torch.uint8, device=DEV)  # I/32 = 2 groups expected
     with pytest.raises(ValueError, match=r"down_proj packed data must be \[E, N, K/2\]"):
         hf_mxfp4.mxfp4_experts(bad)
