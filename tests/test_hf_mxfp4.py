@@ -259,3 +259,40 @@ def test_refusals(monkeypatch):
     bad.down_proj_scales = torch.zeros(4, 64, 1, dtype=torch.uint8, device=DEV)  # I/32 = 2 groups expected
     with pytest.raises(ValueError, match=r"down_proj packed data must be \[E, N, K/2\]"):
         hf_mxfp4.mxfp4_experts(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_dequantized_experts_losslessly(monkeypatch, dtype):
+    """transformers without the kernels hub dequantizes the checkpoint; pack_experts_ gets the MXFP4 back exactly."""
+    cfg = _config(E=4, k=2, layers=2)
+    _, dense = _models(cfg, monkeypatch)
+    dense = dense.to(dtype)
+    model = copy.deepcopy(dense)
+    assert hf_mxfp4.pack_experts_(model) == 2
+    assert hf_mxfp4.pack_experts_(model) == 0  # idempotent
+    ex = model.model.layers[0].mlp.experts
+    sd = model.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in sd and "model.layers.0.mlp.experts.gate_up_proj_blocks" in sd
+    assert ex.gate_up_proj_blocks.dtype == torch.uint8 and tuple(ex.gate_up_proj_blocks.shape) == (4, 128, 2, 16)
+    mxe = hf_mxfp4.mxfp4_experts(ex)
+    src = dense.model.layers[0].mlp.experts
+    want13 = torch.cat((src.gate_up_proj[:, :, 0::2], src.gate_up_proj[:, :, 1::2]), 2).transpose(1, 2)  # [E, 2I, H]
+    assert torch.equal(mxe.w13.dequantize(dtype), want13) and torch.equal(mxe.w2.dequantize(dtype), src.down_proj.transpose(1, 2))
+    if dtype == torch.float32:
+        assert patch(model, backend="torch") == 2
+        ids = torch.randint(0, cfg.vocab_size, (2, 9), device=DEV)
+        with torch.no_grad():
+            assert_close("logits", model(ids).logits, dense(ids).logits, rms_tol=1e-5)
+        _, scores = model.model.layers[0].mlp(torch.randn(1, 3, 64, device=DEV))
+        assert scores.shape == (3, 2)  # GptOssMLP's (out, router_scores)
+
+
+def test_pack_refuses_weights_that_are_not_mxfp4():
+    model = transformers.GptOssForCausalLM(_config(E=4, k=2, layers=2)).to(DEV)  # random init: not MXFP4 values
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    with pytest.raises(ValueError, match="gate_up_proj of expert 0 is not MXFP4-valued"):
+        hf_mxfp4.pack_experts_(model)
+    ex = model.model.layers[0].mlp.experts
+    assert isinstance(ex.gate_up_proj, torch.nn.Parameter) and not hf_mxfp4.is_mxfp4_experts(ex)  # left untouched

@@ -35,6 +35,13 @@ are. The hub's tensors stay (``save_pretrained`` reads them), so the experts' pa
 The activation is gpt-oss's clamped SwiGLU (``swiglu_oai``: ``alpha`` and ``limit`` from the module, which must be
 1.702 and 7.0). What cannot be served raises ValueError naming it: weights still on the meta device, tensors of
 another shape or dtype, a hub tensor whose layout cannot be read back, another ``alpha``/``limit``.
+
+Without the kernels hub (offline, or on CPU) transformers loads the MXFP4 checkpoint dequantized into dense
+``GptOssExperts``. :func:`pack_experts_` packs those back in place, losslessly: each 32-element block of a
+dequantized weight is ``code * 2^e`` with e2m1 codes, and :func:`moe_kernels.quantize`'s smallest
+non-saturating power-of-two scale reproduces every such block exactly (a block whose largest code is below 4 gets
+a smaller scale and codes scaled by a power of two, still on the e2m1 grid). It checks that, and refuses
+(ValueError) weights that are not MXFP4 values, e.g. a fine-tuned model; then ``patch`` serves the blocks packed.
 """
 
 from __future__ import annotations
@@ -50,15 +57,17 @@ from ..quant_int import MX_GROUP
 from ..reference import OAI_ALPHA, OAI_LIMIT
 
 __all__ = ["Mxfp4Experts", "Mxfp4MoEBlock", "from_hf", "is_mxfp4_block", "is_mxfp4_experts", "mxfp4_experts",
-           "mxfp4_experts_forward"]
+           "mxfp4_experts_forward", "pack_experts_"]
 
 EXPERTS_CLASS = "Mxfp4GptOssExperts"
 BLOCK_CLASSES = ("Mxfp4GptOssMLP", "GptOssMLP")  # 5.24 wraps the experts; 5.17 keeps GptOssMLP
 _CACHE_ATTR = "_moe_kernels_mxfp4"
+_PACKED_ATTR = "_moe_kernels_packed"  # set by pack_experts_
 
 
 def is_mxfp4_experts(module) -> bool:
-    return type(module).__name__ == EXPERTS_CLASS
+    """transformers' ``Mxfp4GptOssExperts``, or gpt-oss experts packed by :func:`pack_experts_`."""
+    return type(module).__name__ == EXPERTS_CLASS or bool(getattr(module, _PACKED_ATTR, False))
 
 
 def is_mxfp4_block(module) -> bool:
@@ -224,15 +233,16 @@ class Mxfp4MoEBlock(nn.Module):
     """A gpt-oss MLP block with MXFP4 experts running on moe_kernels; made by :func:`from_hf`.
 
     ``forward(hidden_states [..., H])`` returns ``(out [..., H], router_logits [T, E])``, as transformers' MXFP4
-    block. The submodules are the original block's (the router re-classed as a ``KernelRouter``), so
-    ``state_dict()`` is unchanged.
+    block (experts packed by :func:`pack_experts_`: ``(out, router_scores [T, k])``, as ``GptOssMLP``). The
+    submodules are the original block's (the router re-classed as a ``KernelRouter``), so ``state_dict()`` is
+    unchanged.
     """
 
-    def __init__(self, block: nn.Module, router: nn.Module, backend: str):
+    def __init__(self, block: nn.Module, router: nn.Module, backend: str, returns_scores: bool = False):
         super().__init__()
         self.add_module("router", router)
         self.add_module("experts", block.experts)
-        self.backend = backend
+        self.backend, self.returns_scores = backend, returns_scores
         self.hf_class = type(block).__name__
         self.train(block.training)
 
@@ -241,7 +251,7 @@ class Mxfp4MoEBlock(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         logits, weights, ids = self.router(x)  # [T, E], [T, k], [T, k]
         out = mxfp4_experts_forward(self.experts, x, ids, weights, backend=self.backend)
-        return out.reshape(shape), logits
+        return out.reshape(shape), (weights if self.returns_scores else logits)
 
     def extra_repr(self) -> str:
         return f"hf_class={self.hf_class}, experts=mxfp4, activation=swiglu_oai, backend={self.backend}"
@@ -264,4 +274,59 @@ def from_hf(block: nn.Module, *, backend: str = "auto") -> Mxfp4MoEBlock:
         raise ValueError(f"from_hf: {type(block).__name__}: experts of dense shape {list(mx.w13.shape)} do not match "
                          f"router weight {list(weight.shape)}")
     family = FAMILIES["GptOssMLP"]
-    return Mxfp4MoEBlock(block, _kernel_router(router, _routing(block, family, router), backend), backend)
+    scores = type(block.experts).__name__ != EXPERTS_CLASS  # packed GptOssExperts: GptOssMLP's own return
+    return Mxfp4MoEBlock(block, _kernel_router(router, _routing(block, family, router), backend), backend, scores)
+
+
+def _pack(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(blocks [E, N, K/32, 16], scales [E, N, K/32])`` of a dense ``[E, N, K]`` MXFP4-valued weight, one expert
+    at a time (bounded temporaries); ValueError where a value is not reproduced exactly."""
+    from ..quant import quantize
+
+    E, N, K = w.shape
+    blocks = torch.empty(E, N, K // MX_GROUP, 16, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(E, N, K // MX_GROUP, dtype=torch.uint8, device=w.device)
+    for e in range(E):
+        q = quantize(w[e:e + 1], "mxfp4")
+        back = q.dequantize(w.dtype)
+        if not torch.equal(back, w[e:e + 1]):
+            bad = int((back != w[e:e + 1]).sum())
+            raise ValueError(f"pack_experts_: {name} of expert {e} is not MXFP4-valued ({bad} of {N * K} elements are "
+                             "not e2m1 codes times a power-of-two per 32); only dequantized MXFP4 checkpoints pack "
+                             "losslessly")
+        blocks[e] = q.data.view(N, K // MX_GROUP, 16)
+        scales[e] = q.scale[0]
+    return blocks, scales
+
+
+def pack_experts_(model: nn.Module) -> int:
+    """Pack the dense gpt-oss experts of ``model`` (``GptOssExperts``, e.g. an MXFP4 checkpoint that transformers
+    dequantized for want of the kernels hub) back to MXFP4 in place, losslessly (see the module docstring);
+    returns how many were packed. ``gate_up_proj`` / ``down_proj`` give way to uint8 buffers with the checkpoint's
+    names and layouts (``*_blocks [E, N, K/32, 16]``, ``*_scales [E, N, K/32]``), a quarter of the bf16 bytes;
+    then :func:`patch <moe_kernels.integrations.transformers.patch>` serves them packed. Every module is checked
+    before any is changed: a weight that is not MXFP4-valued raises ValueError and leaves ``model`` as it was.
+
+    Example::
+
+        >>> model = AutoModelForCausalLM.from_pretrained("openai/gpt-oss-20b", dtype=torch.bfloat16)  # no hub
+        >>> pack_experts_(model), patch(model)
+        (24, 24)
+    """
+    todo = [m for m in model.modules() if type(m).__name__ == "GptOssExperts" and not is_mxfp4_experts(m)]
+    packed = []
+    for m in todo:
+        gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+        if not isinstance(gu, torch.Tensor) or not isinstance(dn, torch.Tensor) or gu.dim() != 3 or dn.dim() != 3:
+            raise ValueError(f"pack_experts_: {type(m).__name__} has no 3-D gate_up_proj [E, H, 2I] / down_proj [E, I, H]")
+        _check_activation(type(m).__name__, m)
+        with torch.no_grad():  # [E, H, 2I] -> rows [E, 2I, H] (gate/up interleaved, as the checkpoint's blocks)
+            packed.append((m, _pack("gate_up_proj", gu.detach().transpose(1, 2)),
+                           _pack("down_proj", dn.detach().transpose(1, 2))))
+    for m, (b13, s13), (b2, s2) in packed:
+        del m.gate_up_proj, m.down_proj
+        for name, t in (("gate_up_proj_blocks", b13), ("gate_up_proj_scales", s13), ("down_proj_blocks", b2),
+                        ("down_proj_scales", s2)):
+            m.register_buffer(name, t)
+        setattr(m, _PACKED_ATTR, True)
+    return len(packed)
