@@ -296,3 +296,18 @@ def test_pack_refuses_weights_that_are_not_mxfp4():
         hf_mxfp4.pack_experts_(model)
     ex = model.model.layers[0].mlp.experts
     assert isinstance(ex.gate_up_proj, torch.nn.Parameter) and not hf_mxfp4.is_mxfp4_experts(ex)  # left untouched
+
+
+def test_block_compiles_fullgraph_with_dynamic_tokens(monkeypatch):
+    """Inference under torch.compile(fullgraph=True), two token counts, one graph: the conversion cached by from_hf
+    is taken as it is inside the trace."""
+    model, _ = _models(_config(E=4, k=2, H=64, I=64), monkeypatch)
+    block = mk.integrations.transformers.from_hf(model.model.layers[0].mlp, backend="torch")
+    torch._dynamo.reset()
+    f = torch.compile(block, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for T in (5, 9):
+            x = torch.randn(T, 64, device=DEV)
+            (out, logits), (ref, ref_logits) = f(x), block(x)
+            assert_close(f"out T={T}", out, ref.double(), rms_tol=1e-6)
+            assert_close(f"logits T={T}", logits, ref_logits.double(), rms_tol=1e-6)

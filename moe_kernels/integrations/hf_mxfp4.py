@@ -174,6 +174,9 @@ def _check_activation(cls: str, m: nn.Module) -> None:
 def mxfp4_experts(module: nn.Module) -> Mxfp4Experts:
     """The :class:`Mxfp4Experts` of a transformers ``Mxfp4GptOssExperts`` (its packed tensors read once, cached on
     the module; see the module docstring). Raises ValueError naming what cannot be served."""
+    cached = module.__dict__.get(_CACHE_ATTR)
+    if cached is not None and torch.compiler.is_compiling():
+        return cached  # traced code takes the conversion the first eager call (``from_hf``) cached, unchecked
     cls = type(module).__name__
     _check_activation(cls, module)
     b13, b2 = getattr(module, "gate_up_proj_bias", None), getattr(module, "down_proj_bias", None)
@@ -187,7 +190,6 @@ def mxfp4_experts(module: nn.Module) -> Mxfp4Experts:
     inter = I2 // 2
     h13, h2 = _holders(cls, module, "gate_up_proj"), _holders(cls, module, "down_proj")
     key = _key(*h13, *h2, b13, b2)
-    cached = module.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached.key == key:
         return cached
     d13, s13 = _packed(cls, "gate_up_proj", *h13, E, I2, H)
