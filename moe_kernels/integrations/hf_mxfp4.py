@@ -77,12 +77,13 @@ def is_mxfp4_block(module) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class Mxfp4Experts:
-    """The experts of one ``Mxfp4GptOssExperts`` in :func:`fused_moe`'s layout (see the module docstring)."""
+    """The experts of one ``Mxfp4GptOssExperts`` (or packed ``GptOssExperts``) in :func:`fused_moe`'s layout (see
+    the module docstring)."""
 
     w13: QuantizedWeight  # dense [E, 2I, H]: gate rows, then up rows
     w2: QuantizedWeight  # dense [E, H, I]
-    b13: torch.Tensor  # [E, 2I] fp32, gate then up
-    b2: torch.Tensor  # [E, H] fp32
+    b13: torch.Tensor  # [E, 2I], gate then up (the module's bias dtype: fp32 in Mxfp4GptOssExperts)
+    b2: torch.Tensor  # [E, H]
     key: tuple  # identity and version of the module's tensors it was built from
 
 
