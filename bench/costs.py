@@ -264,11 +264,12 @@ def _gemm_launch(name, rows, N, K, es, kernel, E, arch, out_bytes, extra_bytes=0
     smem, sms = t.smem_per_block, t.sm_count
     M = sum(rows)
     w_es = weight_bytes(fmt, N, K, es) / (N * K) if fmt else None
-    if fmt in WEIGHT_ONLY:  # the weight-only kernel: its own tiles, m-tile-fastest order
+    if fmt in WEIGHT_ONLY:  # the weight-only kernel: its own tiles, GROUP_M order from the L2 size
         bits = 8 if fmt == "int8" else 4
         group = 0 if fmt == "int8" else 32 if fmt == "mxfp4" else int4_group(K)
         cfg = wna16_gemm.default_config(M, N, K, E, es, bits, n_w == 2, group, t, fmt)
-        per_prog, g = wna16_gemm.smem_bytes(cfg, es, bits, n_w == 2), 0
+        per_prog = wna16_gemm.smem_bytes(cfg, es, bits, n_w == 2)
+        g = int(tiles.group_m(cfg["BLOCK_M"], K, es, tiles.L2.get(arch, tiles.L2["sm_86"])))
     else:
         cfg = tiles.gemm_config(kernel, M, N, K, E, {2: torch.bfloat16, 4: torch.float32}[es], torch.device("meta"))
         per_prog = tiles.smem_bytes(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], es, n_w)
@@ -382,7 +383,7 @@ def print_account(shapes: list[Shape], arch: str = "sm_90", ceilings: dict | Non
           "(fwd 1.5 F1, bwd 3.0 F1); HBM GB (m-fastest): the same launches in the m-tile-fastest order")
     if quantized:
         print("decode/forward <fmt>: quantized experts with bf16 activations, packed weight bytes and scales read; "
-              "int8/int4/mxfp4 on the weight-only kernel's tiles (m-tile-fastest order), fp8 on the bf16 tiles")
+              "int8/int4/mxfp4 on the weight-only kernel's tiles, fp8 on the bf16 tiles")
     print(f"{'model':16} {'T':>6} {'path':31} {'launches':>8} {'GEMM F1':>8} {'vs min':>7} {'HBM GB':>8} "
           f"{'(m-fastest)':>11} {'model ms':>9}")
     for r in rows:

@@ -1,7 +1,7 @@
 """Compile the MXFP4 ``tl.dot_scaled`` GEMMs for sm_100a as they launch, without a GPU: gpt-oss-120b's fused MoE
 (decode and prefill) on meta tensors with the configs of sm_100 (``MOE_KERNELS_ASSUME_DEVICE``), each launch
 recorded by the one launch path and specialised by Triton's own JIT binder, for both activation sides of
-``DOT_SCALED`` (``bf16`` and ``mxfp8``). Prints the MMA instructions, shared memory, registers and stack (spills); exits 1 on a failure.
+``DOT_SCALED`` (``bf16`` and ``mxfp8``). Prints the MMA instructions, shared memory, registers, stack and spilled bytes; exits 1 on a failure.
 Run without TRITON_INTERPRET:
 
     python tests/dot_scaled_compile_check.py [name-substring]     # e.g. "gemm1"
@@ -26,7 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import moe_kernels as mk  # noqa: E402
 from moe_kernels.triton_kernels import _launch, wna16_gemm  # noqa: E402
-from triton_compile_check import _bin, specialise  # noqa: E402
+from triton_compile_check import _bin, _spill_bytes, specialise  # noqa: E402
 
 CC = 100
 H, I, E, K_TOP = 2880, 2880, 128, 4  # gpt-oss-120b
@@ -77,16 +77,17 @@ def main(pattern: str = "") -> int:
                 mma = sorted(set(re.findall(r"tcgen05\.mma[\w.:]*", ptx)))
                 want = "kind::mxf8f6f4.block_scale" if side == "mxfp8" else "kind::f16"
                 regs, stack = usage(c.asm["cubin"])
+                spill = _spill_bytes(ptx, CC) if stack else 0  # a stack frame need not be a spill
                 problems = [p for p, bad in ((f"DOT_SCALED={mode}", mode != wna16_gemm.DOT_SCALED_MODES[side]),
                                              (f"no tcgen05.mma {want}", not any(want in m for m in mma)),
                                              (f"shared {c.metadata.shared} > {limit}", c.metadata.shared > limit),
-                                             (f"stack {stack} B (spills)", stack != 0))
+                                             (f"{spill} B spilled", spill != 0))
                             if bad]
                 failed += bool(problems)
                 tiles = {rec.kernel.arg_names[k[0]]: v for k, v in constexprs.items()
                          if rec.kernel.arg_names[k[0]].startswith("BLOCK_")}
                 print(f"{'FAILED' if problems else 'ok    '} {side} {phase} {gemm} {tiles}: shared {c.metadata.shared} B "
-                      f"(limit {limit}), regs {regs} stack {stack}, mma {mma}{'; ' + '; '.join(problems) if problems else ''}")
+                      f"(limit {limit}), regs {regs} stack {stack} spill {spill}, mma {mma}{'; ' + '; '.join(problems) if problems else ''}")
     print(f"{failed} failed")
     return 1 if failed else 0
 

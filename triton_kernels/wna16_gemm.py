@@ -5,6 +5,9 @@ with bf16/fp16/fp32 activations.
 with the tile schedule, activations, gather, routing weights, scatter and biases of :mod:`.grouped_gemm` (its jit
 helpers and schedule are imported, not copied). Layouts: :mod:`moe_kernels.quant_int`.
 
+Tile order: groups of ``GROUP_M`` m-tiles with the n-tiles inside (as :mod:`.grouped_gemm`; ``GROUP_M`` from
+the L2 size, :func:`.tiles.group_m`), so that a group's activation rows are read from HBM once.
+
 Main loop: each K step loads the packed weight tile (``[BLOCK_K, BLOCK_N]`` bytes for int8; for int4/mxfp4 each
 byte serves the two rows of its nibbles, so the tile reads ``BLOCK_K / 2`` distinct bytes per column), unpacks
 the codes in registers (shift by 4 for odd k, mask 0xF), subtracts the zero point (int4) or decodes e2m1
@@ -34,10 +37,11 @@ import triton
 import triton.language as tl
 
 from . import configs as _configs
+from . import tiles as _tiles
 from ._launch import DIRECT, Target, target
 from ._utils import next_pow2
 from .fp8_gemm import _interpreting, _round_to_fp8_grid
-from .grouped_gemm import ACTS, _activate, _dot
+from .grouped_gemm import ACTS, _activate, _dot, _tile_coords
 from .schedule import tile_schedule
 
 FMT_IDS = {"int8": 0, "int4": 1, "mxfp4": 2}
@@ -117,10 +121,10 @@ def wna16_grouped_gemm_kernel(
     OUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, FMT: tl.constexpr,
     HAS_ZERO: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_SCALED: tl.constexpr = 0, A_FMT: tl.constexpr = "bf16", ROUND_FP8: tl.constexpr = False,
+    GROUP_M: tl.constexpr = 1,
 ):
-    pid = tl.program_id(0)
-    m_tile = pid % num_m_tiles
-    n_tile = pid // num_m_tiles
+    # tile order: groups of GROUP_M m-tiles, n-tiles inside (a group's rows stay in L2 across its n-tiles)
+    m_tile, n_tile = _tile_coords(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     if m_tile >= tl.load(num_tiles_ptr):
         return
     e = tl.load(tile_expert_ptr + m_tile).to(tl.int64)
@@ -242,6 +246,8 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, ga
     mode = dot_scaled_mode(fmt, a_bytes, tgt)
     if mode:
         bk = max(32, bk)  # the scaled dot reads whole 32-element groups
+        if gated and mode == DOT_SCALED_MODES["bf16"]:  # two accumulators: 128 columns of K per step spill on sm_100a
+            bk = min(bk, 64)
     elif group:
         bk = min(bk, group)
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 8 if bm * bn >= 128 * 128 else 4, "num_stages": 4,
@@ -315,6 +321,7 @@ def wna16_grouped_gemm(
     mode = cfg.get("DOT_SCALED", 0)
     if _interpreting():  # small tiles keep the interpreter fast; tile sizes do not change results
         bm, bn = min(bm, 32), min(bn, 64)
+    gm = cfg.get("GROUP_M") or _tiles.group_m(bm, K, x.element_size(), _tiles.l2_bytes(x.device))
     sched = tile_schedule(expert_offsets, P, bm, launch=launch, empty=empty)
     tile_seg, tile_row, num_tiles, max_tiles = sched.tile_segment, sched.tile_row, sched.num_tiles, sched.max_tiles
     ends = torch.cat([expert_offsets.to(torch.int64), expert_offsets.new_full((1,), P, dtype=torch.int64)])  # [E+2]
@@ -333,7 +340,7 @@ def wna16_grouped_gemm(
         HAS_BIAS=bias is not None, ACT=ACTS[activation], GATED=gated, FMT=FMT_IDS[fmt], HAS_ZERO=w_zero is not None,
         UPCAST=_interpreting() and x.dtype == torch.bfloat16, IEEE=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_SCALED=mode, A_FMT="fp16" if x.dtype == torch.float16 else "bf16",
-        ROUND_FP8=mode == 2 and _interpreting(),
+        ROUND_FP8=mode == 2 and _interpreting(), GROUP_M=gm,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
