@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
+from . import _cpu_moe
 from . import reference as ref
 
 
@@ -245,8 +246,11 @@ _OP = torch.ops.moe_kernels.fused_moe_torch.default
 def fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
               apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved=False):
     """The torch backend's ``fused_moe`` (arguments of ``moe_kernels::fused_moe``); saves what the backward
-    needs only when a gradient will be asked for."""
+    needs only when a gradient will be asked for. Eager CPU calls take :mod:`moe_kernels._cpu_moe`."""
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, w13, w2, topk_weights, w13_bias, w2_bias))
+    if _cpu_moe.serves(hidden, w13, w2):
+        return _cpu_moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
+                                  apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved, save)
     return _OP(hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
                apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved, save)[0]
