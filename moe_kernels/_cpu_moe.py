@@ -237,7 +237,7 @@ class _FusedMoE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, w13, w2, topk_weights = ctx.saved_tensors
-        saved, ctx.saved = ctx.saved, None
+        saved = ctx.saved  # kept: a graph retained for a second backward needs it again
         kind, gated, b13_dtype, b2_dtype, on_input, interleaved = ctx.cfg
         g = _backward(ctx.needs_input_grad[:6], grad_out, hidden, w13, w2, topk_weights, saved, kind, gated, b13_dtype,
                       b2_dtype, on_input, interleaved)
