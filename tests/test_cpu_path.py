@@ -238,3 +238,33 @@ def test_forward_runs_no_more_ops_than_transformers_grouped_mm(T, E, k):
         hf_ops = _computing(hf)
         hf_gemms = sum(o in ("mm", "addmm", "_grouped_mm") for o in hf_ops)
         assert len(ops) - gemms <= len(hf_ops) - hf_gemms, (ops, hf_ops)
+
+
+@pytest.mark.parametrize("strict", ["0", "1"])
+def test_hf_sentinels_dropped_in_both_value_modes(monkeypatch, strict):
+    """transformers' expert-parallel sentinels (ids >= E) are dropped slots, also where the strict value mode
+    rejects ids outside [0, E) and -1."""
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from moe_kernels.integrations.transformers import register
+
+    register()
+    monkeypatch.setenv("MOE_KERNELS_CHECK_VALUES", strict)
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+    cfg._experts_implementation = "moe_kernels"
+    ex = MixtralExperts(cfg).double()
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    ids = torch.tensor([[0, 4], [1, 2], [7, 3], [4, 5], [2, 0]])
+    w = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    out = ex(x, ids, w)
+    kept = ids < 4
+    want = ref.fused_moe(x, ex.gate_up_proj.detach(), ex.down_proj.detach(), w.detach(), torch.where(kept, ids, -1))
+    assert_close("out", out, want, rms_tol=1e-12)
+    assert out[3].abs().max() == 0
+    out.sum().backward()
+    assert (w.grad[~kept] == 0).all()

@@ -189,7 +189,9 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     if down.dtype != up.dtype:
         return _fall_back(self, f"{spec.up_name} is {up.dtype} but down_proj is {down.dtype}", call, kwargs)
     x = hidden_states if hidden_states.dtype == up.dtype else hidden_states.to(up.dtype)
-    ids = top_k_index.masked_fill(top_k_index >= E, -1)  # expert-parallel sentinels: dropped
+    ids = top_k_index  # expert-parallel sentinels (>= E) are dropped slots on every backend, as -1
+    if _checks.strict_values():  # where only [0, E) and -1 pass
+        ids = top_k_index.masked_fill(top_k_index >= E, -1)
     w13 = up.transpose(1, 2) if spec.transposed else up  # [E, 2I, H] (a view)
     w2 = down.transpose(1, 2) if spec.transposed else down  # [E, H, I]
     b13 = getattr(self, spec.up_name + "_bias") if spec.has_bias else None
