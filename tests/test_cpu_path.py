@@ -268,3 +268,35 @@ def test_hf_sentinels_dropped_in_both_value_modes(monkeypatch, strict):
     assert out[3].abs().max() == 0
     out.sum().backward()
     assert (w.grad[~kept] == 0).all()
+
+
+def test_hf_checked_signature_still_rejects_bad_input():
+    """The transformers experts skip fused_moe's checks only for a call shaped exactly as one that passed them."""
+    pytest.importorskip("transformers")
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from moe_kernels.integrations import hf_experts
+    from moe_kernels.integrations.transformers import register
+
+    register()
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+    cfg._experts_implementation = "moe_kernels"
+    ex = MixtralExperts(cfg).double()
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(6, 32, dtype=torch.float64)
+    ids = torch.randint(0, 4, (6, 2))
+    w = torch.rand(6, 2, dtype=torch.float64)
+    first = ex(x, ids, w)
+    assert hf_experts._CHECKED_ATTR in ex.__dict__
+    again = ex(x, ids, w)  # the checked signature: straight to the CPU path
+    assert torch.equal(first, again)
+    assert_close("out", again, ref.fused_moe(x, ex.gate_up_proj.detach(), ex.down_proj.detach(), w, ids), rms_tol=1e-12)
+    with pytest.raises(ValueError, match=r"H=16"):
+        ex(x[:, :16], ids, w)
+    with pytest.raises(TypeError, match="topk_ids"):
+        ex(x, ids.double(), w)
+    with pytest.raises(ValueError, match="topk_ids"):
+        ex(x[:5], ids, w)
