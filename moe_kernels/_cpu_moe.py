@@ -24,7 +24,7 @@ written once, for experts without rows), the activation's backward and the route
 only the gradients asked for (``needs_input_grad``) are computed.
 
 Everything else (other devices, torch.compile, tensor subclasses) takes the registered op of
-:mod:`moe_kernels._torch_moe`, which never reads a value on the host.
+:mod:`moe_kernels._torch_moe`, which needs no host read on a GPU.
 """
 
 from __future__ import annotations

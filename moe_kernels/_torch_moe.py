@@ -1,10 +1,10 @@
 """The ``torch`` backend of ``fused_moe``: the reference's math with less glue, and a backward that reuses
 the forward's intermediates instead of recomputing them.
 
-What CPU users run (``auto`` picks it for CPU tensors), so it is built to be no slower than transformers'
-``grouped_mm`` experts: one stable sort of the slots gives the rows of every expert (no padding, dropped
-slots at the tail), ``F.grouped_mm`` runs both GEMMs (a per-expert loop where it cannot serve the dtype or
-alignment), and the k slots are combined per token in a fixed order j = 0..k-1 in fp32, as ``unpermute``
+Eager calls on CPU tensors take :mod:`moe_kernels._cpu_moe` (host-read plan, only kept rows); the registered op
+below serves torch.compile, tensor subclasses and other devices: one stable sort of the slots gives the rows
+of every expert (no padding, dropped slots at the tail), ``F.grouped_mm`` runs both GEMMs (a per-expert loop
+where it cannot serve the dtype or alignment), and the k slots are combined per token in a fixed order j = 0..k-1 in fp32, as ``unpermute``
 does. Under autograd the op also returns the permuted input, the pre-activation and the expert outputs, so
 the backward is two grouped GEMMs for dX, two for dW and the activation's backward (no recomputed GEMM).
 
