@@ -109,3 +109,4 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13
 
 
 from . import _triton_wna16  # noqa: E402,F401  (registers the triton backend of these ops)
+from . import _cuda_quant  # noqa: E402,F401  (registers the cuda decode backend of the quantized fused MoE ops)
