@@ -640,3 +640,26 @@ def test_decode_nan_propagates_and_compiles_and_captures():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, ref)
+
+
+def test_ops_opcheck():
+    """Everywhere: the argument lists match the schemas. On a GPU: torch.library.opcheck of both ops (fake
+    implementations, schema, autograd registration)."""
+    x = torch.randn(6, 64).bfloat16()
+    qw = mk.quantize(torch.randn(3, 32, 64), block_shape=(16, 32))
+    offsets = torch.tensor([0, 2, 2, 6], dtype=torch.int32)
+    slots = torch.tensor([0, 3, 1, 2, 5, 4], dtype=torch.int32)
+    amax_args = (x, None, 1, None, 32, False)  # the first GEMM without weights on input: per token of x
+    assert len(amax_args) == schema_arity("act_amax_cuda")
+    gemm_args = [x, qw.data, "fp8", qw.scale, None, 16, 32, offsets, None, slots, 2, "silu", True, None, True, 0, "group",
+                 None, 32, False]
+    assert len(gemm_args) == schema_arity("grouped_gemm_small_quant_cuda")
+    if not HAS_CUDA_EXT:
+        pytest.skip("opcheck of the CUDA ops needs a GPU and the moe_kernels._C extension")
+    dev = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    amax_args = tuple(map(dev, amax_args))
+    torch.library.opcheck(torch.ops.moe_kernels.act_amax_cuda.default, amax_args)
+    gemm_args = list(map(dev, gemm_args))
+    gemm_args[17] = torch.ops.moe_kernels.act_amax_cuda.default(*amax_args)
+    torch.library.opcheck(torch.ops.moe_kernels.grouped_gemm_small_quant_cuda.default, tuple(gemm_args),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
