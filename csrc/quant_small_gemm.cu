@@ -199,9 +199,6 @@ at::Tensor act_amax_cuda(const at::Tensor& x, const std::optional<at::Tensor>& s
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err;
   switch (x.scalar_type()) {
-    case at::kFloat:
-      err = quant_gemm::act_amax<float>(p, stream);
-      break;
     case at::kHalf:
       err = quant_gemm::act_amax<__half>(p, stream);
       break;
@@ -209,7 +206,7 @@ at::Tensor act_amax_cuda(const at::Tensor& x, const std::optional<at::Tensor>& s
       err = quant_gemm::act_amax<__nv_bfloat16>(p, stream);
       break;
     default:
-      TORCH_CHECK(false, fn, ": dtype must be float32, float16 or bfloat16, got ", x.scalar_type());
+      TORCH_CHECK(false, fn, ": activations must be float16 or bfloat16, got ", x.scalar_type());
   }
   TORCH_CHECK(err == cudaSuccess, fn, ": CUDA error ", cudaGetErrorString(err));
   return amax;
