@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile every csrc/*.cu to an object for sm_90a (and every csrc/*.cpp with g++): a compile check only.
+# Compile every csrc/*.cu to an object for sm_90a and sm_80 (and every csrc/*.cpp with g++): a compile check only.
 # The CPU torch wheel has no CUDA libraries to link against, so nothing here is linked or run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,8 +9,9 @@ status=0
 # One nvcc per core: each .cu takes a minute or two.
 export inc out
 if compgen -G "csrc/*.cu" > /dev/null && ! printf '%s\n' csrc/*.cu | xargs -P "$(nproc)" -I{} sh -c '
-    echo "nvcc -arch=sm_90a: {}"
-    nvcc -c -std=c++20 -arch=sm_90a -O3 -diag-suppress 3306 -Icsrc -Icsrc/include -I.ci/cuda_shims $inc \
+    echo "nvcc sm_90a + sm_80: {}"
+    nvcc -c -std=c++20 -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_80,code=sm_80 -O3 \
+      -diag-suppress 3306 -Icsrc -Icsrc/include -I.ci/cuda_shims $inc \
       -o "$out/$(basename {}).o" {} || { echo "FAILED to compile {}"; exit 1; }'; then
   status=1
 fi

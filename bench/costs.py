@@ -86,6 +86,66 @@ def fused_moe_fwd_bwd(s: Shape) -> tuple[int, int]:
     return 3 * flops, bytes_ + (2 * _expert_weights(s) + 2 * s.T * s.H) * _es(s) + _slots(s) * F32
 
 
+# ----- quantized expert weights: the bytes a kernel must read -------------------------------------------
+
+QUANT_FORMATS = {  # bench row suffix -> (moe_kernels.quantize fmt, its keywords)
+    "fp8_tensor": ("fp8", {}), "fp8_block": ("fp8", {"block_shape": (128, 128)}),
+    "int8": ("int8", {}), "int4": ("int4", {}), "mxfp4": ("mxfp4", {}),
+}
+WEIGHT_ONLY = ("int8", "int4", "mxfp4")
+# the weight-only rows run for these models (every model gets the fp8 rows)
+WEIGHT_ONLY_MODELS = {"int8": ("mixtral-8x7b", "qwen3-30b-a3b"), "int4": ("mixtral-8x7b", "qwen3-30b-a3b"),
+                      "mxfp4": ("mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b", "gpt-oss-120b")}
+
+
+def quant_rows(model: str) -> tuple[str, ...]:
+    """The quantized-weight row suffixes of ``model`` (see :data:`WEIGHT_ONLY_MODELS`)."""
+    return ("fp8_tensor", "fp8_block") + tuple(f for f, ms in WEIGHT_ONLY_MODELS.items() if model in ms)
+
+
+def int4_group(K: int) -> int:
+    """The group ``moe_kernels.quantize(w, "int4")`` picks by default for K columns."""
+    return 128 if K % 128 == 0 else 64 if K % 64 == 0 else 32
+
+
+def quant_unsupported(name: str, N: int, K: int) -> str | None:
+    """Why weights ``[E, N, K]`` cannot be held in format ``name``, or None."""
+    if name in ("int4", "mxfp4") and K % 32:
+        return f"{name} needs K divisible by 32, got K={K}"
+    return None
+
+
+def weight_bytes(name: str | None, N: int, K: int, es: int) -> int:
+    """Bytes of one expert's ``[N, K]`` weight in format ``name`` (None: dense, ``es`` bytes an element), scales
+    included: fp8 one byte an element (+ fp32 scale per tensor / per 128x128 block); int8 one byte (+ fp32 per
+    channel); int4 half a byte (+ fp32 per group, :func:`int4_group`); mxfp4 half a byte (+ one e8m0 byte per 32)."""
+    if name is None:
+        return N * K * es
+    if name == "fp8_tensor":
+        return N * K + F32
+    if name == "fp8_block":
+        return N * K + F32 * -(-N // 128) * -(-K // 128)
+    if name == "int8":
+        return N * K + F32 * N
+    if name == "int4":
+        return N * K // 2 + F32 * N * (K // int4_group(K))
+    if name == "mxfp4":
+        return N * K // 2 + N * (K // 32)
+    raise ValueError(f"unknown weight format {name!r}; expected one of {tuple(QUANT_FORMATS)}")
+
+
+def expert_bytes(s: Shape, name: str | None) -> int:
+    """One expert's w13 and w2 (and biases, in the layer dtype) in format ``name``."""
+    n = weight_bytes(name, s.I2, s.H, _es(s)) + weight_bytes(name, s.H, s.I, _es(s))
+    return n + ((s.I2 + s.H) * _es(s) if s.cfg.get("bias") else 0)
+
+
+def roofline(flops: int, nbytes: int, c: dict | None = None) -> float:
+    """``max(FLOPs / peak, bytes / bandwidth)`` in ms at ``c`` (default: the documented H200 ceilings)."""
+    c = c or H200
+    return max(flops / (c["tflops"] * 1e12), nbytes / (c["tbps"] * 1e12)) * 1e3
+
+
 def _dense_extra(s: Shape) -> tuple[int, int]:
     """Router (fp32) and shared expert of the layer: (flops, bytes)."""
     rows = 3 if s.gated else 2
@@ -164,9 +224,11 @@ class _L2:
 
 
 def gemm_hbm_bytes(rows: list[int], N: int, K: int, bm: int, bn: int, es: int, *, n_w: int = 1, group_m: int = 8,
-                   wave: int = 132, l2_bytes: int = H200["l2_bytes"]) -> int:
+                   wave: int = 132, l2_bytes: int = H200["l2_bytes"], w_es: float | None = None) -> int:
     """Modelled HBM bytes of the A rows and weight tiles one grouped GEMM launch reads (outputs not included):
-    ``rows`` per expert, weights ``[E, n_w * N, K]``; ``group_m=0``: the m-tile-fastest order."""
+    ``rows`` per expert, weights ``[E, n_w * N, K]`` of ``w_es`` bytes an element (default ``es``; packed
+    formats: fractional, scales included); ``group_m=0``: the m-tile-fastest order."""
+    w_es = es if w_es is None else w_es
     m_rows = [(e, min(bm, r - i)) for e, r in enumerate(rows) for i in range(0, r, bm)]  # (expert, rows) per m-tile
     order = _tiles_in_order(len(m_rows), -(-N // bn), group_m)
     l2, n = _L2(l2_bytes), 0
@@ -175,7 +237,7 @@ def gemm_hbm_bytes(rows: list[int], N: int, K: int, bm: int, bn: int, es: int, *
         for m in dict.fromkeys(m for m, _ in tiles):
             n += l2.touch(("a", m), m_rows[m][1] * K * es)
         for key in dict.fromkeys((m_rows[m][0], nt) for m, nt in tiles):
-            n += l2.touch(("w",) + key, n_w * min(bn, N) * K * es)
+            n += l2.touch(("w",) + key, int(n_w * min(bn, N) * K * w_es))
     return n
 
 
@@ -195,20 +257,30 @@ def wgrad_hbm_bytes(rows: list[int], A: int, B: int, ba: int, bb: int, es: int, 
     return n
 
 
-def _gemm_launch(name, rows, N, K, es, kernel, E, arch, out_bytes, extra_bytes=0, n_w=1, group_m=None):
-    from moe_kernels.triton_kernels import tiles
+def _gemm_launch(name, rows, N, K, es, kernel, E, arch, out_bytes, extra_bytes=0, n_w=1, group_m=None, fmt=None):
+    from moe_kernels.triton_kernels import tiles, wna16_gemm
 
     t = tiles._launch.TARGETS[arch]
     smem, sms = t.smem_per_block, t.sm_count
     M = sum(rows)
-    cfg = tiles.gemm_config(kernel, M, N, K, E, {2: torch.bfloat16, 4: torch.float32}[es], torch.device("meta"))
+    w_es = weight_bytes(fmt, N, K, es) / (N * K) if fmt else None
+    if fmt in WEIGHT_ONLY:  # the weight-only kernel: its own tiles, GROUP_M order from the L2 size
+        bits = 8 if fmt == "int8" else 4
+        group = 0 if fmt == "int8" else 32 if fmt == "mxfp4" else int4_group(K)
+        cfg = wna16_gemm.default_config(M, N, K, E, es, bits, n_w == 2, group, t, fmt)
+        per_prog = wna16_gemm.smem_bytes(cfg, es, bits, n_w == 2)
+        g = int(tiles.group_m(cfg["BLOCK_M"], K, es, tiles.L2.get(arch, tiles.L2["sm_86"])))
+    else:
+        cfg = tiles.gemm_config(kernel, M, N, K, E, {2: torch.bfloat16, 4: torch.float32}[es], torch.device("meta"))
+        per_prog = tiles.smem_bytes(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], es, n_w)
+        g = cfg["GROUP_M"]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    per_prog = tiles.smem_bytes(bm, bn, cfg["BLOCK_K"], cfg["num_stages"], es, n_w)
     wave = sms * max(1, min(4, smem // per_prog))
-    g = cfg["GROUP_M"] if group_m is None else group_m
+    g = g if group_m is None else group_m
     executed = 2 * sum(-(-r // bm) * bm for r in rows) * n_w * N * K
     return dict(launch=name, tile=f"{bm}x{bn}", flops=executed, min_flops=2 * M * n_w * N * K,
-                bytes=gemm_hbm_bytes(rows, N, K, bm, bn, es, n_w=n_w, group_m=g, wave=wave) + out_bytes + extra_bytes)
+                bytes=gemm_hbm_bytes(rows, N, K, bm, bn, es, n_w=n_w, group_m=g, wave=wave, w_es=w_es) + out_bytes
+                + extra_bytes)
 
 
 def _wgrad_launch(name, rows, A, B, es, arch, bias_bytes=0):
@@ -224,10 +296,14 @@ def _wgrad_launch(name, rows, A, B, es, arch, bias_bytes=0):
 
 
 def fused_account(s: Shape, path: str, *, arch: str = "sm_90", rows: list[int] | None = None,
-                  group_m: int | None = None) -> list[dict]:
+                  group_m: int | None = None, fmt: str | None = None) -> list[dict]:
     """The launches of one fused path (``fwd``, ``bwd``: recompute, ``bwd_saved``: save_preactivation) on
     ``arch`` with balanced routing (or ``rows`` per expert): ``[{launch, tile, flops, min_flops, bytes}]``.
-    ``group_m=0`` models the GEMMs in the m-tile-fastest order instead of the kernel's GROUP_M order."""
+    ``group_m=0`` models the GEMMs in the m-tile-fastest order instead of the kernel's GROUP_M order.
+    ``fmt`` (forward only): expert weights in that format (:data:`QUANT_FORMATS`; the weight-only ones with the
+    weight-only kernel's tiles, fp8 with the bf16 tiles and one byte a weight)."""
+    if fmt is not None and path != "fwd":
+        raise ValueError(f"fused_account: quantized experts are inference only, got path={path!r} with fmt={fmt!r}")
     import os
 
     old = os.environ.get("MOE_KERNELS_ASSUME_DEVICE")
@@ -241,8 +317,10 @@ def fused_account(s: Shape, path: str, *, arch: str = "sm_90", rows: list[int] |
                 (("histogram", S * I32), ("scan", 0), ("rank + schedule", S * I32 * 3))]
         out = list(plan)
         if path == "fwd":
-            out.append(_gemm_launch("GEMM1 gather+act", rows, I, H, es, g1, E, arch, S * I * es, n_w=n_w, group_m=group_m))
-            out.append(_gemm_launch("GEMM2 weight+scatter", rows, H, I, es, "gemm", E, arch, S * H * es, group_m=group_m))
+            out.append(_gemm_launch("GEMM1 gather+act", rows, I, H, es, g1, E, arch, S * I * es, n_w=n_w, group_m=group_m,
+                                    fmt=fmt))
+            out.append(_gemm_launch("GEMM2 weight+scatter", rows, H, I, es, "gemm", E, arch, S * H * es, group_m=group_m,
+                                    fmt=fmt))
             out.append(dict(launch="combine", tile="", flops=0, min_flops=0, bytes=S * H * es + s.T * H * es))
             return out
         if path == "bwd":
@@ -269,18 +347,23 @@ def roofline_ms(launches: list[dict], tflops: float = H200["tflops"], tbps: floa
 PATHS = {"forward": "fwd", "backward": "bwd", "backward (save_preactivation)": "bwd_saved"}
 
 
-def account_rows(s: Shape, arch: str = "sm_90", ceilings: dict | None = None) -> list[dict]:
-    """One row per fused path of ``s`` (decode is the forward at a small T): launches, GEMM FLOPs executed
-    / minimum, modelled HBM bytes, roofline time at ``ceilings`` (``tflops``, ``tbps``; default H200)."""
+def account_rows(s: Shape, arch: str = "sm_90", ceilings: dict | None = None, fmts: tuple[str, ...] = ()) -> list[dict]:
+    """One row per fused path of ``s`` (decode is the forward at a small T), then one forward row per quantized
+    format of ``fmts`` (bf16 activations): launches, GEMM FLOPs executed / minimum, modelled HBM bytes,
+    roofline time at ``ceilings`` (``tflops``, ``tbps``; default H200)."""
     c = ceilings or H200
     F1 = 2 * _slots(s) * s.H * s.I2
     out = []
-    for label, path in PATHS.items():
-        launches = fused_account(s, path, arch=arch)
+    runs = [(label, path, None) for label, path in PATHS.items()]
+    runs += [(f"forward {f}", "fwd", f) for f in fmts if not quant_unsupported(f, s.I2, s.H)
+             and not quant_unsupported(f, s.H, s.I)]
+    for label, path, fmt in runs:
+        launches = fused_account(s, path, arch=arch, fmt=fmt)
         flops = sum(r["flops"] for r in launches)
         minimum = 1.5 * F1 if path == "fwd" else 3.0 * F1
-        m_fastest = fused_account(s, path, arch=arch, group_m=0)
-        out.append(dict(model=s.model, T=s.T, path=("decode" if path == "fwd" and s.T <= 64 else label),
+        m_fastest = fused_account(s, path, arch=arch, group_m=0, fmt=fmt)
+        decode = f"decode {fmt}" if fmt else "decode"
+        out.append(dict(model=s.model, T=s.T, path=(decode if path == "fwd" and s.T <= 64 else label),
                         launches=len(launches), gemm_f1=round(flops / F1, 2), vs_min_flops=round(flops / minimum, 3),
                         hbm_gb=round(sum(r["bytes"] for r in launches) / 1e9, 3),
                         hbm_gb_m_fastest=round(sum(r["bytes"] for r in m_fastest) / 1e9, 3),
@@ -288,13 +371,19 @@ def account_rows(s: Shape, arch: str = "sm_90", ceilings: dict | None = None) ->
     return out
 
 
-def print_account(shapes: list[Shape], arch: str = "sm_90", ceilings: dict | None = None) -> list[dict]:
+def print_account(shapes: list[Shape], arch: str = "sm_90", ceilings: dict | None = None,
+                  quantized: bool = True) -> list[dict]:
+    """Print (and return) :func:`account_rows` of every shape; ``quantized``: with the rows of the model's
+    quantized formats (:func:`quant_rows`)."""
     c = ceilings or H200
-    rows = [r for s in shapes for r in account_rows(s, arch, c)]
+    rows = [r for s in shapes for r in account_rows(s, arch, c, quant_rows(s.model) if quantized else ())]
     print(f"account of the fused paths on {arch}: a MODEL (waves of SMs x resident programs, reuse within a wave "
           f"through L2, roofline at {c['tflops']:.0f} TFLOP/s and {c['tbps']:.1f} TB/s), not a measurement")
     print("GEMM F1: tl.dot FLOPs executed (row tiles padded) / FLOPs of the first GEMM; vs min: executed / minimum "
           "(fwd 1.5 F1, bwd 3.0 F1); HBM GB (m-fastest): the same launches in the m-tile-fastest order")
+    if quantized:
+        print("decode/forward <fmt>: quantized experts with bf16 activations, packed weight bytes and scales read; "
+              "int8/int4/mxfp4 on the weight-only kernel's tiles, fp8 on the bf16 tiles")
     print(f"{'model':16} {'T':>6} {'path':31} {'launches':>8} {'GEMM F1':>8} {'vs min':>7} {'HBM GB':>8} "
           f"{'(m-fastest)':>11} {'model ms':>9}")
     for r in rows:

@@ -8,14 +8,20 @@ Ops, with S = T*k rows grouped by expert (a :class:`RoutingPlan` of k distinct r
 - ``*.dX``: the input gradient alone, ``*.dW``: the weight gradient alone, each through autograd
   (``torch.autograd.grad`` on a retained forward graph, so only the backward runs).
 
+- ``*.fwd.<fmt>``: the forward with quantized weights (``bench/costs.py`` ``QUANT_FORMATS``): fp8 per tensor and
+  128x128 blocks for every model; the weight-only int8 (per channel), int4 (groups of 128/64/32) and mxfp4 with
+  bf16 activations for Mixtral and Qwen3-30B-A3B, mxfp4 for gpt-oss too.
+
 Models: Mixtral-8x7B, DeepSeek-V3, Qwen3-30B-A3B, Qwen3-235B, gpt-oss-120b from models.json (no biases
-here; gpt-oss's expert biases run in the ``moe`` suite). Tokens 1, 8, 64, 512, 4096, 16384 in bf16 on GPU;
+here; gpt-oss's expert biases run in the ``moe`` suite). Tokens 1, 8, 16, 64, 512, 4096, 16384 in bf16 on GPU;
 on CPU H and I are scaled down hard (about 2M expert parameters per model), fp32, tokens 1 and 64.
 
 Columns: FLOPs ``2 S N K`` for every op; bytes: rows in and out plus the weights of the experts that have
 rows (dW: the whole ``[E, N, K]`` gradient written). ``dense %``: TFLOP/s over the measured dense matmul
-rate. For decode (T <= 64): ``w GB/s``, the weight bytes that must be read (experts with rows; dW: the
-gradient written) over the time, and ``w copy %``, that against the measured copy bandwidth.
+rate. ``w MB``: the weight bytes that must be read (experts with rows, packed formats with their scales; dW: the
+gradient written). For decode (T <= 64): ``w GB/s``, those bytes over the time, and ``w copy %``, that against
+the measured copy bandwidth. ``H200 ms``: the op's roofline time at the model's real size at the documented
+H200 ceilings (a model, printed on CPU runs too).
 Goals on an H200, bf16 (``goal`` column, GPU, non-reference backends): prefill (T >= 4096) forward
 >= 75% of dense and >= 1.0x grouped_mm; decode (T <= 64) forward >= 80% of copy on the weight bytes;
 dX and dW at T >= 4096 >= 65% of dense.
@@ -28,38 +34,45 @@ import torch.nn.functional as F
 
 import moe_kernels as mk
 
-from .common import goal, interpreted, measure, suite_backends
+from . import costs as _costs
+from .common import (CPU_QUANT_NOTE, H200_NOTE, QUANT_NOTE, fill_vs_bf16, full_shape, goal, interpreted, measure,
+                     per_shape, select_suite, suite_backends, suite_facts)
 from .harness import MAIN_RATIOS, Case, Progress, fill_ratios, measure_ceilings, sig
-from .shapes import Shape, make_shape, pick_models
+from .shapes import Shape
 from .suites import grouped_mm_reason
 
 GEMM_MODELS = ("mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "qwen3-235b-a22b", "gpt-oss-120b")
 QUICK_MODELS = ("mixtral-8x7b", "deepseek-v3", "gpt-oss-120b")
-TOKENS = {("cuda", False): (1, 8, 64, 512, 4096, 16384), ("cuda", True): (1, 64, 4096),
+TOKENS = {("cuda", False): (1, 8, 16, 64, 512, 4096, 16384), ("cuda", True): (1, 64, 4096),
           ("cpu", False): (1, 64), ("cpu", True): (1, 64)}
 LAYERS = ("gate_up", "down")
 PASSES = ("fwd", "dX", "dW")
-FP8 = {"fp8_tensor": {}, "fp8_block": dict(block_shape=(128, 128))}  # FP8 weight rows (forward only)
-OPS = tuple(f"{layer}.{p}" for layer in LAYERS for p in PASSES) + tuple(
-    f"{layer}.fwd.{q}" for layer in LAYERS for q in FP8)
+DENSE_OPS = tuple(f"{layer}.{p}" for layer in LAYERS for p in PASSES)
+
+
+def ops_for(model: str) -> tuple[str, ...]:
+    """The ops of one model: the dense ones, then the forward with each of its quantized formats
+    (``bench/costs.py`` ``quant_rows``: fp8 for every model; int8 and int4 for Mixtral and Qwen3-30B-A3B; mxfp4
+    for those and gpt-oss)."""
+    return DENSE_OPS + tuple(f"{layer}.fwd.{q}" for layer in LAYERS for q in _costs.quant_rows(model))
+
+
 DECODE_MAX_T, PREFILL_MIN_T = 64, 4096
 GOALS = {"prefill_dense": 0.75, "prefill_vs_grouped_mm": 1.0, "decode_copy": 0.80, "bwd_dense": 0.65}
 INTERP_MAX_T = 1  # triton rows in the interpreter: only at T = 1
 TABLE = {"ratios": MAIN_RATIOS, "err_note": None,
          "extra": (("err", "err_vs_ref", ".1e", ""), ("dense", "dense_pct", ".1f", "%"), ("vs bf16", "vs_bf16", ".3g", "x"),
-                   ("w GB/s", "w_gbps", ".4g", ""),
-                   ("w copy", "w_copy_pct", ".1f", "%"), ("goal", "goal", "s", ""))}
+                   ("w MB", "w_mb", ".4g", ""), ("w GB/s", "w_gbps", ".4g", ""),
+                   ("w copy", "w_copy_pct", ".1f", "%"), ("H200 ms", "h200_ms", ".3g", ""), ("goal", "goal", "s", ""))}
 
 
 def select_gemm(models: list[str] | None, device: str, quick: bool,
                 tokens: list[int] | None) -> tuple[list[Shape], str, list[str]]:
     """The shapes of one run (CPU: scaled down hard), the source of the configs and run notes."""
-    table, source, names, notes = pick_models(models, QUICK_MODELS if quick else GEMM_MODELS)
     # CPU: the quick parameter budget (about 2M expert parameters) whatever --quick says
-    shapes = [make_shape(n, table[n], device, True, T) for n in names for T in (tokens or TOKENS[(device, quick)])]
-    if device == "cpu":
-        notes.append("CPU: H and I scaled down to about 2M expert parameters per model, fp32")
-    return shapes, source, notes
+    return select_suite(models, device, quick, tokens, defaults=GEMM_MODELS, quick_defaults=QUICK_MODELS,
+                        token_table=TOKENS, small=True,
+                        cpu_note="CPU: H and I scaled down to about 2M expert parameters per model, fp32")
 
 
 # ----- baselines -------------------------------------------------------------------------------------
@@ -81,13 +94,14 @@ def grouped_mm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
 
 
 class Inputs:
-    """The plan of T tokens, and per layer: rows [S, K], weight [E, N, K] and the output gradient [S, N]; FP8
-    weights (``quantized``) made on first use."""
+    """The plan of T tokens, and per layer: rows [S, K], weight [E, N, K] and the output gradient [S, N];
+    quantized weights (``quantized``, formats of ``bench/costs.py`` ``QUANT_FORMATS``) made on first use."""
 
-    def quantized(self, layer: str, fmt: str) -> mk.QuantizedWeight:
-        key = (layer, fmt)
+    def quantized(self, layer: str, name: str) -> mk.QuantizedWeight:
+        key = (layer, name)
         if key not in self.fp8:
-            self.fp8[key] = mk.quantize(self.layers[layer][1], "fp8", **FP8[fmt])
+            fmt, kw = _costs.QUANT_FORMATS[name]
+            self.fp8[key] = mk.quantize(self.layers[layer][1], fmt, **kw)
         return self.fp8[key]
 
     def __init__(self, s: Shape, device: str):
@@ -122,13 +136,10 @@ class _Grad:
 
 def costs(s: Shape, op: str, active: int) -> tuple[int, int, int]:
     """``(flops, bytes, weight bytes)`` of one op (see the module docstring)."""
-    layer, pas, *fp8 = op.split(".")
+    layer, pas, *quant = op.split(".")
     N, K = (s.I2, s.H) if layer == "gate_up" else (s.H, s.I)
     S, es = s.T * s.k, s.dtype.itemsize
-    w_read = active * N * K * es
-    if fp8:  # one byte per weight, plus the fp32 scales (per tensor, or per 128 x 128 block)
-        scales = -(-N // 128) * -(-K // 128) if fp8[0] == "fp8_block" else 1
-        w_read = active * (N * K + 4 * scales)
+    w_read = active * _costs.weight_bytes(quant[0] if quant else None, N, K, es)  # packed bytes and scales
     rows = (S * K + S * N) * es
     if pas == "dW":
         return 2 * S * N * K, rows + s.E * N * K * es, s.E * N * K * es
@@ -138,11 +149,14 @@ def costs(s: Shape, op: str, active: int) -> tuple[int, int, int]:
 def _cases(inp: Inputs, op: str, backends: list[str], device: str) -> list[Case]:
     """Backend rows (the torch reference first), then ``loop`` and ``grouped_mm``."""
     s, plan, offs = inp.s, inp.plan, inp.offsets
-    layer, pas, *fp8 = op.split(".")
+    layer, pas, *quant = op.split(".")
     x, w, g = inp.layers[layer]
     flops, nbytes, _ = costs(s, op, inp.active)
-    if fp8:  # FP8 weights, activations quantized in the kernel: every backend, no baselines
-        qw = inp.quantized(layer, fp8[0])
+    if quant:  # quantized weights (fp8 activations quantized in the kernel): every backend, no baselines
+        why = _costs.quant_unsupported(quant[0], w.shape[1], w.shape[2])
+        if why:
+            return [Case(op, s, b, None, flops, nbytes, (), f"skipped: {why}") for b in backends]
+        qw = inp.quantized(layer, quant[0])
         cases = []
         for b in backends:
             def call(b=b):
@@ -186,7 +200,7 @@ def _cases(inp: Inputs, op: str, backends: list[str], device: str) -> list[Case]
 def _goal(row: dict, device: str) -> str | None:
     if device != "cuda" or row["backend"] in ("torch", "loop", "grouped_mm") or not row["median_ms"]:
         return None
-    if row["op"].count(".") == 2:  # fp8 rows: the issue's goals are against bf16 and the fp8 matmul peak
+    if row["op"].count(".") == 2:  # quantized rows: their goals are against bf16 and the fp8 matmul peak
         return None
     pas, T, dense = row["op"].split(".")[1], row["T"], row["dense_pct"] / 100
     if pas == "fwd" and T >= PREFILL_MIN_T:
@@ -208,18 +222,14 @@ def run_gemm(shapes: list[Shape], device: str, quick: bool, notes: list[str]) ->
     notes = notes + more
     ceilings = measure_ceilings(device)
     rows: list[dict] = []
-    groups = [(s, op) for s in shapes for op in OPS]
+    groups = [(s, op) for s in shapes for op in ops_for(s.model)]
     progress = Progress(len(groups), "bench gemm")
     try:
-        inp = None
-        for s, op in groups:
-            if inp is None or inp.s is not s:
-                del inp
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                inp = Inputs(s, device)
+        for s, op, inp in per_shape(groups, lambda s: Inputs(s, device), device):
             group, ref = [], None
             _, _, wbytes = costs(s, op, inp.active)
+            big = full_shape(s)
+            h200_ms = sig(_costs.roofline(*costs(big, op, inp.active)[:2]), 3)
             for case in _cases(inp, op, backends, device):
                 fn = case.fn
                 row, out = measure(case, device, quick, ceilings, ref if case.backend != "torch" else None, MAIN_RATIOS)
@@ -228,6 +238,8 @@ def run_gemm(shapes: list[Shape], device: str, quick: bool, notes: list[str]) ->
                 ref = out if case.backend == "torch" else ref
                 ms = row["median_ms"]
                 row["active_experts"] = inp.active
+                row["w_mb"] = sig(wbytes / 1e6, 4)
+                row["h200_ms"] = h200_ms
                 row["dense_pct"] = sig(100 * row["tflops"] / ceilings["matmul_tflops"], 4) if ms else None
                 decode = ms and s.T <= DECODE_MAX_T
                 row["w_gbps"] = sig(wbytes / (ms / 1e3) / 1e9) if decode else None
@@ -237,16 +249,9 @@ def run_gemm(shapes: list[Shape], device: str, quick: bool, notes: list[str]) ->
             fill_ratios(group, MAIN_RATIOS)
             for row in group:
                 row["goal"] = _goal(row, device)
-            for row in group:
-                row["vs_bf16"] = None
-            if op.count(".") == 2:  # fp8 beside bf16: speedup over the same backend's bf16 forward
-                bf16 = {r["backend"]: r["median_ms"] for r in rows if r["op"] == op.rsplit(".", 1)[0]
-                        and r["shape"] == s.label and r["T"] == s.T}
-                for row in group:
-                    base = bf16.get(row["backend"])
-                    row["vs_bf16"] = sig(base / row["median_ms"], 3) if base and row["median_ms"] else None
+            fill_vs_bf16(group, rows, s, op.rsplit(".", 1)[0] if op.count(".") == 2 else None)
             rows += group
-            del ref
+            del ref, inp  # per_shape holds the inputs for the shape's next op, and frees them before the next shape's
             progress.update(f"{s.model} T{s.T} {op}")
     finally:
         progress.close()
@@ -255,12 +260,9 @@ def run_gemm(shapes: list[Shape], device: str, quick: bool, notes: list[str]) ->
                      "bytes; dX/dW >= 65% dense) are checked on the GPU only")
     notes.append("err_vs_ref: relative error of the output (fwd), dX or dW against backend=torch; dense = TFLOP/s / "
                  "dense matmul ceiling; w GB/s, w copy (T <= 64): weight bytes of the experts with rows / time")
-    notes.append("*.fwd.fp8_tensor / *.fwd.fp8_block: FP8 weights (per tensor / 128x128 blocks, one byte per weight "
-                 "plus scales in the bytes), activations quantized dynamically; err_vs_ref against the torch FP8 "
-                 "reference; vs_bf16: the same backend's bf16 forward time over this row's")
-    facts = {
-        "quick": quick, "backends": backends, "ceilings": ceilings, "notes": notes, "goals": GOALS,
-        "backend_status": {n: i.reason for n, i in mk.backends().items()},
-        "shapes": [{"model": s.model, "label": s.label, "cpu_scale": s.scale} for s in shapes],
-    }
-    return rows, facts
+    notes.append(QUANT_NOTE.replace("{fmt}", "*.fwd.{fp8_tensor,fp8_block,int8,int4,mxfp4}"))
+    notes.append("w MB: the weight bytes the op reads (experts with rows; packed formats with their scales)")
+    notes.append(H200_NOTE)
+    if device == "cpu":
+        notes.append(CPU_QUANT_NOTE)
+    return rows, suite_facts(quick, backends, ceilings, notes, GOALS, shapes)

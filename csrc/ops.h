@@ -46,4 +46,24 @@ at::Tensor grouped_gemm_small_cuda(const at::Tensor& x, const at::Tensor& w, con
                                    const std::optional<at::Tensor>& row_weights, bool scale_input,
                                    int64_t scatter_slots);
 
+// The decode GEMM with quantized weights w (fmt fp8 | fp8_e5m2 | int8 | int4 | mxfp4; packed bytes, K contiguous),
+// scales w_scale (fp32 [E, NB, KB] blocks of block_n x block_k, or uint8 e8m0 for mxfp4) and int4 zero points;
+// flags as grouped_gemm_small_cuda. fp8 act_mode group | token | tensor | static quantizes the input rows with the
+// scales act_scale (amax values from act_amax_cuda, or the static scale); none reads them unquantized.
+at::Tensor grouped_gemm_small_quant_cuda(const at::Tensor& x, const at::Tensor& w, const std::string& fmt,
+                                         const at::Tensor& w_scale, const std::optional<at::Tensor>& w_zero,
+                                         int64_t block_n, int64_t block_k, const at::Tensor& expert_offsets,
+                                         const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& sorted_slots, int64_t gather_top_k,
+                                         const std::string& activation, bool gated,
+                                         const std::optional<at::Tensor>& row_weights, bool scale_input,
+                                         int64_t scatter_slots, const std::string& act_mode,
+                                         const std::optional<at::Tensor>& act_scale, int64_t act_group,
+                                         bool act_by_routed_row);
+
+// Amax of each row's groups of `group` columns -> [rows, ceil(K/group)] fp32, or of everything (per_tensor) -> [1];
+// rows gathered as the decode GEMM reads them (sorted_slots / top_k, scaled by row_weights and rounded).
+at::Tensor act_amax_cuda(const at::Tensor& x, const std::optional<at::Tensor>& sorted_slots, int64_t top_k,
+                         const std::optional<at::Tensor>& row_weights, int64_t group, bool per_tensor);
+
 }  // namespace moe_kernels

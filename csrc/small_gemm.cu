@@ -4,22 +4,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "moe_kernels/small_gemm.cuh"
+#include "activation_code.h"
 #include "ops.h"
 
 namespace moe_kernels {
-
-namespace {
-
-int activation_code(const std::string& a) {
-  if (a == "none") return small_gemm::kNone;
-  if (a == "silu") return small_gemm::kSilu;
-  if (a == "gelu") return small_gemm::kGelu;
-  if (a == "relu") return small_gemm::kRelu;
-  if (a == "swiglu_oai") return small_gemm::kSwigluOai;
-  TORCH_CHECK(false, "grouped_gemm_small: unknown activation ", a);
-}
-
-}  // namespace
 
 at::Tensor grouped_gemm_small_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets,
                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& sorted_slots,
@@ -65,7 +53,7 @@ at::Tensor grouped_gemm_small_cuda(const at::Tensor& x, const at::Tensor& w, con
   p.K = static_cast<int>(K);
   p.inter = static_cast<int>(N);
   p.top_k = static_cast<int>(gather_top_k > 0 ? gather_top_k : 1);
-  p.act = activation_code(activation);
+  p.act = activation_code(activation, "grouped_gemm_small");
   p.gated = gated;
   p.gather = gather_top_k > 0;
   p.scatter = scatter_slots > 0;

@@ -33,6 +33,16 @@ TORCH_LIBRARY_FRAGMENT(moe_kernels, m) {
   m.def(
       "grouped_gemm_small_cuda(Tensor x, Tensor w, Tensor expert_offsets, Tensor? bias, Tensor? sorted_slots, "
       "int gather_top_k, str activation, bool gated, Tensor? row_weights, bool scale_input, int scatter_slots) -> Tensor");
+  // Decode grouped GEMM with quantized weights (fp8, int8, int4, mxfp4), dequantized in registers; flags as above.
+  // act_mode group | token | tensor | static quantizes fp8 inputs with act_scale (amax values, or the static scale)
+  // per row (the routed row when act_by_routed_row) and group of act_group columns; none leaves them as they are.
+  m.def(
+      "grouped_gemm_small_quant_cuda(Tensor x, Tensor w, str fmt, Tensor w_scale, Tensor? w_zero, int block_n, "
+      "int block_k, Tensor expert_offsets, Tensor? bias, Tensor? sorted_slots, int gather_top_k, str activation, "
+      "bool gated, Tensor? row_weights, bool scale_input, int scatter_slots, str act_mode, Tensor? act_scale, "
+      "int act_group, bool act_by_routed_row) -> Tensor");
+  // Amax of the rows a decode GEMM reads: [rows, ceil(K/group)] fp32 per group, or [1] over everything (per_tensor).
+  m.def("act_amax_cuda(Tensor x, Tensor? sorted_slots, int top_k, Tensor? row_weights, int group, bool per_tensor) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
@@ -43,6 +53,8 @@ TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
   m.impl("unpermute_cuda", &moe_kernels::unpermute_cuda);
   m.impl("slot_dots_cuda", &moe_kernels::slot_dots_cuda);
   m.impl("grouped_gemm_small_cuda", &moe_kernels::grouped_gemm_small_cuda);
+  m.impl("grouped_gemm_small_quant_cuda", &moe_kernels::grouped_gemm_small_quant_cuda);
+  m.impl("act_amax_cuda", &moe_kernels::act_amax_cuda);
 }
 
 // Importing moe_kernels._C registers the ops above; the module itself is empty.

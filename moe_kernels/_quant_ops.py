@@ -124,15 +124,21 @@ _backends.register("fp8_fused_moe", "torch")(torch.ops.moe_kernels.fp8_fused_moe
 # ----- checks and dispatch of the public functions ---------------------------------------------------
 
 
-def _check_qweight(fn: str, name: str, w, N: int | None, K: int | None, layout: str) -> QuantizedWeight:
+def check_qweight(fn: str, name: str, w, N: int | None, K: int | None, layout: str, formats, fmt_error: str):
+    """``w`` is a QuantizedWeight of one of ``formats`` (else ``fmt_error`` after ``{name} has fmt=...;``) whose dense
+    shape matches ``N`` and ``K`` where given (the FP8 and the weight-only dispatch share these checks)."""
     if not isinstance(w, QuantizedWeight):
         raise ValueError(f"{fn}: {name} must be a QuantizedWeight like the other expert weight, got {type(w).__name__}")
-    if w.fmt not in FP8_FORMATS:
-        raise ValueError(f"{fn}: {name} has fmt={w.fmt!r}; this op serves {tuple(FP8_FORMATS)}")
+    if w.fmt not in formats:
+        raise ValueError(f"{fn}: {name} has fmt={w.fmt!r}; {fmt_error}")
     _, n, kk = w.shape
     if (N is not None and n != N) or (K is not None and kk != K):
         raise ValueError(f"{fn}: {name} must have dense shape {layout}, got {list(w.shape)}")
     return w
+
+
+def _check_qweight(fn: str, name: str, w, N: int | None, K: int | None, layout: str) -> QuantizedWeight:
+    return check_qweight(fn, name, w, N, K, layout, FP8_FORMATS, f"this op serves {tuple(FP8_FORMATS)}")
 
 
 def _check_act_scale(fn: str, name: str, s, device) -> Optional[Tensor]:
@@ -170,6 +176,61 @@ def _offsets(fn: str, plan_or_offsets, P: int, E: int):
     return offsets, slots
 
 
+def check_gemm_call(fn: str, x_sorted, w, plan_or_offsets, bias, weight_layout, check_w):
+    """The checks of ``grouped_gemm`` with a QuantizedWeight ``w`` (``check_w(fn, name, w, N, K, layout)`` checks its
+    format); returns ``(offsets, sorted_slots or None)``."""
+    if weight_layout != "nk":
+        raise ValueError(f"{fn}: a QuantizedWeight is [E, N, K] (weight_layout='nk'), got weight_layout={weight_layout!r}")
+    _checks.check_tensor(fn, "x_sorted", x_sorted, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[P, K]")
+    P, K = x_sorted.shape
+    check_w(fn, "w", w, None, K, f"[E, N, K={K}]")
+    E, N, _ = w.shape
+    offsets, slots = _offsets(fn, plan_or_offsets, P, E)
+    if bias is not None:
+        _checks.check_tensor(fn, "bias", bias, dtypes=_checks.FLOAT_DTYPES, shape=(E, N), layout="[E, N]")
+    _checks.check_same_device(fn, x_sorted=x_sorted, w=w.data, plan=offsets, bias=bias)
+    return offsets, slots
+
+
+def check_moe_weights(fn: str, hidden, w13, w2, activation, gated, check_w) -> tuple[int, int, int, int]:
+    """The checks of ``fused_moe``'s activations and QuantizedWeight experts (``check_w(fn, name, w, N, K, layout,
+    like=None)``; ``like`` is w13 when checking w2); returns ``(T, H, E, 2I)``."""
+    _checks.check_tensor(fn, "hidden", hidden, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[T, H]")
+    T, H = hidden.shape
+    _checks.check_choice(fn, "activation", activation, ref.GATED_ACTIVATIONS if gated else ref.PLAIN_ACTIVATIONS)
+    check_w(fn, "w13", w13, None, H, f"[E, 2I, H={H}]")
+    E, I2 = w13.shape[0], w13.shape[1]
+    if gated and I2 % 2:
+        raise ValueError(f"{fn}: gated w13 must have an even number of rows 2I, got shape {list(w13.shape)}")
+    inter = I2 // 2 if gated else I2
+    check_w(fn, "w2", w2, H, inter, f"[E, H={H}, I={inter}]", like=w13)
+    if w2.shape[0] != E:
+        raise ValueError(f"{fn}: w2 must have the E={E} experts of w13, got dense shape {list(w2.shape)}")
+    return T, H, E, I2
+
+
+def check_moe_routing(fn: str, hidden, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, capacity, drop_policy,
+                      expert_map, drop_policies, T: int, E: int, H: int, I2: int) -> int:
+    """The routing checks of ``fused_moe`` with QuantizedWeight experts; returns ``k``."""
+    k, n_ids = _checks.check_moe_routing(fn, topk_ids, topk_weights, T, E, H, I2, w13_bias, w2_bias, capacity,
+                                         drop_policy, expert_map, _checks.FLOAT_DTYPES, drop_policies)
+    _checks.check_same_device(fn, hidden=hidden, w13=w13.data, w2=w2.data, topk_weights=topk_weights, topk_ids=topk_ids,
+                              w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
+    _checks.check_expert_ids(fn, "topk_ids", topk_ids, n_ids)
+    return k
+
+
+def dispatch(op: str, backend: str, device, *args):
+    """Run ``op`` on the backend ``backend`` selects; its ``supports`` sees every argument of the call."""
+    return _backends.select(op, backend, device, *args)(*args)
+
+
+def _check_fp8(fn, name, w, N, K, layout, like=None):
+    _check_qweight(fn, name, w, N, K, layout)
+    if like is not None and w.fmt != like.fmt:
+        raise ValueError(f"{fn}: w13 and w2 must share a format, got {like.fmt!r} and {w.fmt!r}")
+
+
 def grouped_gemm(x_sorted, w: QuantizedWeight, plan_or_offsets, *, bias=None, weight_layout="nk",
                  activation_scale=None, backend="auto") -> Tensor:
     """``moe_kernels.grouped_gemm`` with a QuantizedWeight (see there)."""
@@ -179,21 +240,12 @@ def grouped_gemm(x_sorted, w: QuantizedWeight, plan_or_offsets, *, bias=None, we
 
         return _wna16_ops.grouped_gemm(x_sorted, w, plan_or_offsets, bias=bias, weight_layout=weight_layout,
                                        activation_scale=activation_scale, backend=backend)
-    if weight_layout != "nk":
-        raise ValueError(f"{fn}: a QuantizedWeight is [E, N, K] (weight_layout='nk'), got weight_layout={weight_layout!r}")
-    _checks.check_tensor(fn, "x_sorted", x_sorted, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[P, K]")
-    P, K = x_sorted.shape
-    _check_qweight(fn, "w", w, None, K, f"[E, N, K={K}]")
-    E, N, _ = w.shape
-    offsets, slots = _offsets(fn, plan_or_offsets, P, E)
-    if bias is not None:
-        _checks.check_tensor(fn, "bias", bias, dtypes=_checks.FLOAT_DTYPES, shape=(E, N), layout="[E, N]")
-    _checks.check_same_device(fn, x_sorted=x_sorted, w=w.data, plan=offsets, bias=bias)
+    offsets, slots = check_gemm_call(fn, x_sorted, w, plan_or_offsets, bias, weight_layout, _check_qweight)
     a_scale = _check_act_scale(fn, "activation_scale", activation_scale, x_sorted.device)
     scale, bn, bk = w.scale_blocks()
     mode = _act_mode(w, a_scale, x_sorted.device)
-    impl = _backends.select("fp8_grouped_gemm", backend, x_sorted.device, x_sorted, w.data, scale, bn, bk)
-    return impl(x_sorted, w.data, scale, bn, bk, offsets, bias, slots, mode, a_scale)
+    return dispatch("fp8_grouped_gemm", backend, x_sorted.device, x_sorted, w.data, scale, bn, bk, offsets, bias, slots,
+                    mode, a_scale)
 
 
 def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13_bias, w2_bias,
@@ -208,28 +260,12 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13
                                     w13_bias=w13_bias, w2_bias=w2_bias,
                                     apply_router_weight_on_input=apply_router_weight_on_input, capacity=capacity,
                                     expert_map=expert_map, a13_scale=a13_scale, a2_scale=a2_scale, backend=backend)
-    f = _checks.FLOAT_DTYPES
-    _checks.check_tensor(fn, "hidden", hidden, ndim=2, dtypes=f, layout="[T, H]")
-    T, H = hidden.shape
-    _checks.check_choice(fn, "activation", activation, ref.GATED_ACTIVATIONS if gated else ref.PLAIN_ACTIVATIONS)
-    _check_qweight(fn, "w13", w13, None, H, f"[E, 2I, H={H}]")
-    E, I2 = w13.shape[0], w13.shape[1]
-    if gated and I2 % 2:
-        raise ValueError(f"{fn}: gated w13 must have an even number of rows 2I, got shape {list(w13.shape)}")
-    inter = I2 // 2 if gated else I2
-    _check_qweight(fn, "w2", w2, H, inter, f"[E, H={H}, I={inter}]")
-    if w2.shape[0] != E:
-        raise ValueError(f"{fn}: w2 must have the E={E} experts of w13, got dense shape {list(w2.shape)}")
-    if w2.fmt != w13.fmt:
-        raise ValueError(f"{fn}: w13 and w2 must share a format, got {w13.fmt!r} and {w2.fmt!r}")
+    T, H, E, I2 = check_moe_weights(fn, hidden, w13, w2, activation, gated, _check_fp8)
     if gate_up_interleaved and gated:
         raise ValueError(f"{fn}: gate_up_interleaved is not supported for a QuantizedWeight w13; quantize the weight "
                          "with gate rows first, then up rows")
-    k, n_ids = _checks.check_moe_routing(fn, topk_ids, topk_weights, T, E, H, I2, w13_bias, w2_bias, capacity,
-                                         drop_policy, expert_map, f, ref.DROP_POLICIES)
-    _checks.check_same_device(fn, hidden=hidden, w13=w13.data, w2=w2.data, topk_weights=topk_weights, topk_ids=topk_ids,
-                              w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
-    _checks.check_expert_ids(fn, "topk_ids", topk_ids, n_ids)
+    check_moe_routing(fn, hidden, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, capacity, drop_policy, expert_map,
+                      ref.DROP_POLICIES, T, E, H, I2)
     if capacity is not None and drop_policy != "gshard":  # the over-capacity slots become dropped ids
         from .routing import _capacity_drop
 
@@ -240,10 +276,9 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13
     sc13, bn13, bk13 = w13.scale_blocks()
     sc2, bn2, bk2 = w2.scale_blocks()
     m13, m2 = _act_mode(w13, s13, hidden.device), _act_mode(w2, s2, hidden.device)
-    impl = _backends.select("fp8_fused_moe", backend, hidden.device, hidden, w13.data, sc13, bn13, bk13, w2.data, sc2,
-                            bn2, bk2)
-    return impl(hidden, w13.data, sc13, bn13, bk13, w2.data, sc2, bn2, bk2, topk_weights, topk_ids, activation,
-                bool(gated), w13_bias, w2_bias, bool(apply_router_weight_on_input), capacity, expert_map, m13, s13, m2, s2)
+    return dispatch("fp8_fused_moe", backend, hidden.device, hidden, w13.data, sc13, bn13, bk13, w2.data, sc2, bn2, bk2,
+                    topk_weights, topk_ids, activation, bool(gated), w13_bias, w2_bias,
+                    bool(apply_router_weight_on_input), capacity, expert_map, m13, s13, m2, s2)
 
 
 from . import _triton_fp8  # noqa: E402,F401  (registers the triton backend of the FP8 ops)

@@ -1,10 +1,10 @@
 """The ``torch`` backend of ``fused_moe``: the reference's math with less glue, and a backward that reuses
 the forward's intermediates instead of recomputing them.
 
-What CPU users run (``auto`` picks it for CPU tensors), so it is built to be no slower than transformers'
-``grouped_mm`` experts: one stable sort of the slots gives the rows of every expert (no padding, dropped
-slots at the tail), ``F.grouped_mm`` runs both GEMMs (a per-expert loop where it cannot serve the dtype or
-alignment), and the k slots are combined per token in a fixed order j = 0..k-1 in fp32, as ``unpermute``
+Eager calls on CPU tensors take :mod:`moe_kernels._cpu_moe` (host-read plan, only kept rows); the registered op
+below serves torch.compile, tensor subclasses and other devices: one stable sort of the slots gives the rows
+of every expert (no padding, dropped slots at the tail), ``F.grouped_mm`` runs both GEMMs (a per-expert loop
+where it cannot serve the dtype or alignment), and the k slots are combined per token in a fixed order j = 0..k-1 in fp32, as ``unpermute``
 does. Under autograd the op also returns the permuted input, the pre-activation and the expert outputs, so
 the backward is two grouped GEMMs for dX, two for dW and the activation's backward (no recomputed GEMM).
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
+from . import _cpu_moe
 from . import reference as ref
 
 
@@ -245,8 +246,11 @@ _OP = torch.ops.moe_kernels.fused_moe_torch.default
 def fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
               apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved=False):
     """The torch backend's ``fused_moe`` (arguments of ``moe_kernels::fused_moe``); saves what the backward
-    needs only when a gradient will be asked for."""
+    needs only when a gradient will be asked for. Eager CPU calls take :mod:`moe_kernels._cpu_moe`."""
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, w13, w2, topk_weights, w13_bias, w2_bias))
+    if _cpu_moe.serves(hidden, w13, w2):
+        return _cpu_moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
+                                  apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved, save)
     return _OP(hidden, w13, w2, topk_weights, topk_ids, activation, gated, w13_bias, w2_bias,
                apply_router_weight_on_input, capacity, expert_map, gate_up_interleaved, save)[0]

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-from . import _backends, _checks
+from . import _backends
 from . import reference as ref
-from ._quant_ops import _offsets, inference_only
+from ._quant_ops import check_gemm_call, check_moe_routing, check_moe_weights, check_qweight, dispatch, inference_only
 from .quant import QuantizedWeight
 from .quant_int import INT_FORMATS, dequantize_raw
 
@@ -73,16 +73,9 @@ _backends.register("wna16_fused_moe", "torch")(torch.ops.moe_kernels.wna16_fused
 # ----- dispatch of the public functions --------------------------------------------------------------
 
 
-def _check(fn: str, name: str, w, N, K, layout: str, fmt: str | None = None) -> QuantizedWeight:
-    if not isinstance(w, QuantizedWeight):
-        raise ValueError(f"{fn}: {name} must be a QuantizedWeight like the other expert weight, got {type(w).__name__}")
-    if w.fmt not in INT_FORMATS or (fmt is not None and w.fmt != fmt):
-        raise ValueError(f"{fn}: {name} has fmt={w.fmt!r}; w13 and w2 must share a format"
-                         if fmt is not None else f"{fn}: {name} has fmt={w.fmt!r}; expected one of {INT_FORMATS}")
-    _, n, kk = w.shape
-    if (N is not None and n != N) or (K is not None and kk != K):
-        raise ValueError(f"{fn}: {name} must have dense shape {layout}, got {list(w.shape)}")
-    return w
+def _check(fn: str, name: str, w, N, K, layout: str, like=None) -> QuantizedWeight:
+    err = "w13 and w2 must share a format" if like is not None else f"expected one of {INT_FORMATS}"
+    return check_qweight(fn, name, w, N, K, layout, INT_FORMATS if like is None else (like.fmt,), err)
 
 
 def grouped_gemm(x_sorted, w: QuantizedWeight, plan_or_offsets, *, bias=None, weight_layout="nk",
@@ -94,48 +87,26 @@ def grouped_gemm(x_sorted, w: QuantizedWeight, plan_or_offsets, *, bias=None, we
     if activation_scale is not None:
         raise ValueError(f"{fn}: activation_scale is for FP8 weights; fmt={w.fmt!r} is weight-only (activations stay "
                          "in their dtype)")
-    _checks.check_tensor(fn, "x_sorted", x_sorted, ndim=2, dtypes=_checks.FLOAT_DTYPES, layout="[P, K]")
-    P, K = x_sorted.shape
-    _check(fn, "w", w, None, K, f"[E, N, K={K}]")
-    E, N, _ = w.shape
-    offsets, slots = _offsets(fn, plan_or_offsets, P, E)
-    if bias is not None:
-        _checks.check_tensor(fn, "bias", bias, dtypes=_checks.FLOAT_DTYPES, shape=(E, N), layout="[E, N]")
-    _checks.check_same_device(fn, x_sorted=x_sorted, w=w.data, plan=offsets, bias=bias)
+    offsets, slots = check_gemm_call(fn, x_sorted, w, plan_or_offsets, bias, weight_layout, _check)
     g = w.group_size or 0
-    impl = _backends.select("wna16_grouped_gemm", backend, x_sorted.device, x_sorted, w.data, w.scale, w.zero, w.fmt, g)
-    return impl(x_sorted, w.data, w.scale, w.zero, w.fmt, g, offsets, bias, slots)
+    return dispatch("wna16_grouped_gemm", backend, x_sorted.device, x_sorted, w.data, w.scale, w.zero, w.fmt, g, offsets,
+                    bias, slots)
 
 
 def fused_moe(hidden, w13, w2, topk_weights, topk_ids, *, activation, gated, w13_bias, w2_bias,
               apply_router_weight_on_input, capacity, expert_map, a13_scale, a2_scale, backend) -> Tensor:
     """``moe_kernels.fused_moe`` with int8 / int4 / mxfp4 QuantizedWeight experts (see there)."""
     fn = "fused_moe"
-    f = _checks.FLOAT_DTYPES
     if a13_scale is not None or a2_scale is not None:
         raise ValueError(f"{fn}: a13_scale / a2_scale are for FP8 experts; fmt={w13.fmt!r} is weight-only")
-    _checks.check_tensor(fn, "hidden", hidden, ndim=2, dtypes=f, layout="[T, H]")
-    T, H = hidden.shape
-    _checks.check_choice(fn, "activation", activation, ref.GATED_ACTIVATIONS if gated else ref.PLAIN_ACTIVATIONS)
-    _check(fn, "w13", w13, None, H, f"[E, 2I, H={H}]")
-    E, I2 = w13.shape[0], w13.shape[1]
-    if gated and I2 % 2:
-        raise ValueError(f"{fn}: gated w13 must have an even number of rows 2I, got shape {list(w13.shape)}")
-    inter = I2 // 2 if gated else I2
-    _check(fn, "w2", w2, H, inter, f"[E, H={H}, I={inter}]", fmt=w13.fmt)
-    if w2.shape[0] != E:
-        raise ValueError(f"{fn}: w2 must have the E={E} experts of w13, got dense shape {list(w2.shape)}")
-    k, n_ids = _checks.check_moe_routing(fn, topk_ids, topk_weights, T, E, H, I2, w13_bias, w2_bias, capacity,
-                                         "gshard", expert_map, f, ("gshard",))
-    _checks.check_same_device(fn, hidden=hidden, w13=w13.data, w2=w2.data, topk_weights=topk_weights, topk_ids=topk_ids,
-                              w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
-    _checks.check_expert_ids(fn, "topk_ids", topk_ids, n_ids)
+    T, H, E, I2 = check_moe_weights(fn, hidden, w13, w2, activation, gated, _check)
+    check_moe_routing(fn, hidden, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, capacity, "gshard", expert_map,
+                      ("gshard",), T, E, H, I2)
     g13, g2 = w13.group_size or 0, w2.group_size or 0
-    impl = _backends.select("wna16_fused_moe", backend, hidden.device, hidden, w13.data, w13.scale, w13.zero, w2.data,
-                            w2.scale, w2.zero, w13.fmt, g13, g2)
-    return impl(hidden, w13.data, w13.scale, w13.zero, w2.data, w2.scale, w2.zero, w13.fmt, g13, g2, topk_weights,
-                topk_ids, activation, bool(gated), w13_bias, w2_bias, bool(apply_router_weight_on_input), capacity,
-                expert_map)
+    return dispatch("wna16_fused_moe", backend, hidden.device, hidden, w13.data, w13.scale, w13.zero, w2.data, w2.scale,
+                    w2.zero, w13.fmt, g13, g2, topk_weights, topk_ids, activation, bool(gated), w13_bias, w2_bias,
+                    bool(apply_router_weight_on_input), capacity, expert_map)
 
 
 from . import _triton_wna16  # noqa: E402,F401  (registers the triton backend of these ops)
+from . import _cuda_quant  # noqa: E402,F401  (registers the cuda decode backend of the quantized fused MoE ops)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _checks
+from .. import _checks, _cpu_moe, _torch_moe
 from ..gemm import grouped_gemm
 from ..moe import fused_moe
 from ..reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
@@ -51,6 +51,7 @@ __all__ = ["ExpertsLayout", "experts_forward", "experts_layout"]
 NAME = "moe_kernels"
 BACKEND = "auto"  # moe_kernels backend of every call; set by register(backend=...)
 _SPEC_ATTR = "_moe_kernels_layout"
+_CHECKED_ATTR = "_moe_kernels_checked"  # the signature of the last call fused_moe's checks passed (CPU path)
 _WARNED: set[tuple[str, str]] = set()
 
 
@@ -159,6 +160,15 @@ def _fall_back(m, reason: str, args, kwargs):
     return grouped_mm_experts_forward(m, *args, **kwargs)
 
 
+def _signature(x, ids, weights, w13, w2, b13, b2):
+    """What ``fused_moe``'s argument checks read (types, shapes, dtypes, devices) when the call takes the eager
+    CPU path; None where it does not (or the strict value mode reads ids): such calls are always checked."""
+    if BACKEND not in ("auto", "torch") or not _cpu_moe.serves(x, w13, w2) or _checks.strict_values():
+        return None
+    return tuple((type(t), t.shape, t.dtype, t.device) if t is not None else None
+                 for t in (x, ids, weights, w13, w2, b13, b2))
+
+
 def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The ``"moe_kernels"`` experts implementation of transformers' ``ALL_EXPERTS_FUNCTIONS``.
@@ -189,14 +199,23 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     if down.dtype != up.dtype:
         return _fall_back(self, f"{spec.up_name} is {up.dtype} but down_proj is {down.dtype}", call, kwargs)
     x = hidden_states if hidden_states.dtype == up.dtype else hidden_states.to(up.dtype)
-    ids = top_k_index.masked_fill(top_k_index >= E, -1)  # expert-parallel sentinels: dropped
+    ids = top_k_index  # expert-parallel sentinels (>= E) are dropped slots on every backend, as -1
+    if _checks.strict_values():  # where only [0, E) and -1 pass
+        ids = top_k_index.masked_fill(top_k_index >= E, -1)
     w13 = up.transpose(1, 2) if spec.transposed else up  # [E, 2I, H] (a view)
     w2 = down.transpose(1, 2) if spec.transposed else down  # [E, H, I]
     b13 = getattr(self, spec.up_name + "_bias") if spec.has_bias else None
     b2 = self.down_proj_bias if spec.has_bias else None
     if spec.path == "fused":
-        out = fused_moe(x, w13, w2, top_k_weights, ids, activation=spec.activation, gated=spec.gated,
-                        w13_bias=b13, w2_bias=b2, gate_up_interleaved=spec.interleaved, backend=BACKEND)
+        sig = _signature(x, ids, top_k_weights, w13, w2, b13, b2)
+        if sig is not None and self.__dict__.get(_CHECKED_ATTR) == sig:  # checked before: straight to the CPU path
+            out = _torch_moe.fused_moe(x, w13, w2, top_k_weights, ids, spec.activation, spec.gated, b13, b2, False,
+                                       None, None, spec.interleaved)
+        else:
+            out = fused_moe(x, w13, w2, top_k_weights, ids, activation=spec.activation, gated=spec.gated,
+                            w13_bias=b13, w2_bias=b2, gate_up_interleaved=spec.interleaved, backend=BACKEND)
+            if sig is not None:
+                self.__dict__[_CHECKED_ATTR] = sig
     else:
         b = BACKEND
         plan = plan_routing(ids, E, backend=b)

@@ -31,6 +31,9 @@ DeepSeek-V3 DeepseekV3MoE           fp32 router, sigmoid; ``e_score_correction_b
                                     plus the shared experts
 gpt-oss     GptOssMLP               router with bias, softmax over the top-k logits (= softmax, top-k,
                                     renormalise); expert biases; ``swiglu_oai``; returns ``(out, router_scores)``
+gpt-oss     Mxfp4GptOssMLP, or      as gpt-oss, with the experts held in MXFP4 (``Mxfp4GptOssExperts``) served
+(MXFP4)     GptOssMLP holding       packed (:mod:`.hf_mxfp4`); returns ``(out, router_logits)`` as transformers'
+            Mxfp4GptOssExperts      MXFP4 block
 =========== ======================= ==========================================================================
 
 Example::
@@ -71,6 +74,7 @@ from torch import nn
 from ..gating import topk_gating
 from ..moe import fused_moe
 from ..reference import OAI_ALPHA, OAI_LIMIT
+from . import hf_mxfp4
 
 __all__ = ["FAMILIES", "Family", "KernelRouter", "MoEBlock", "Routing", "from_hf", "patch", "register"]
 
@@ -344,6 +348,8 @@ def from_hf(block: nn.Module, *, backend: str = "auto") -> MoEBlock:
         >>> y = moe(torch.randn(2, 5, model.config.hidden_size))
     """
     cls = type(block).__name__
+    if hf_mxfp4.is_mxfp4_block(block):  # gpt-oss experts held in MXFP4: served packed
+        return hf_mxfp4.from_hf(block, backend=backend)
     family = FAMILIES.get(cls)
     if family is None:
         raise ValueError(f"from_hf: {cls} is not a supported transformers MoE block (supported: {', '.join(FAMILIES)})")
@@ -361,7 +367,8 @@ def patch(model: nn.Module, *, backend: str = "auto") -> int:
     ``model.state_dict()`` keeps its keys and its tensors (same storage). All blocks are converted before any is
     swapped in, so a block that cannot be converted raises and leaves ``model`` untouched.
     """
-    targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ in FAMILIES]
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m).__name__ in FAMILIES or hf_mxfp4.is_mxfp4_block(m)]
     if any(name == "" for name, _ in targets):
         raise ValueError(f"patch: the model is itself a {type(model).__name__}; use from_hf(block) instead")
     replacements = [(name, from_hf(block, backend=backend)) for name, block in targets]

@@ -78,6 +78,73 @@ __device__ __forceinline__ void accumulate(const T* wrow, const T* stage, int k_
   }
 }
 
+// The rows of one pass (up to kMaxRows of an expert's segment starting at r0), in shared memory: where
+// each reads its input (src), writes its output (dst), finds its activation scale (q: the routed row or
+// the input row) and its routing weight. -1: no input (padding, dropped) / not written.
+struct RowTable {
+  int64_t src[kMaxRows], dst[kMaxRows], q[kMaxRows];
+  float w[kMaxRows];
+};
+
+// Thread m < kMaxRows fills entry m (P: the kernel's Params, with slots, row_weights, gather, scatter, top_k).
+template <typename P>
+__device__ __forceinline__ void fill_row_table(const P& p, RowTable& t, int m, int m_rows, int64_t r0,
+                                               bool q_by_routed_row) {
+  int64_t slot = -1, src = -1, dst = -1, q = -1;
+  float wt = 0.f;
+  if (m < m_rows) {
+    const int64_t r = r0 + m;
+    slot = p.slots ? p.slots[r] : r;
+    if (slot >= 0) {
+      src = p.gather ? slot / p.top_k : r;
+      dst = p.scatter ? slot : r;
+      q = q_by_routed_row ? r : src;
+      wt = p.row_weights ? p.row_weights[slot] : 1.f;
+    } else if (!p.scatter) {
+      dst = r;  // padding row: written as zeros in expert order
+    }
+  }
+  t.src[m] = src;
+  t.dst[m] = dst;
+  t.q[m] = q;
+  t.w[m] = wt;
+}
+
+// Reduce each row's partial sums over the warp and write the warp's columns col0 .. col0 + kColsPerWarp:
+// bias (of dtype B), activation, routing weight on the output, in the output dtype T.
+template <typename T, typename B, typename P>
+__device__ __forceinline__ void write_outputs(const P& p, const RowTable& t, int e, int col0, int lane, int m_rows,
+                                              float (&acc_g)[kColsPerWarp][kMaxRows],
+                                              float (&acc_u)[kColsPerWarp][kMaxRows]) {
+  const B* bias = static_cast<const B*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+#pragma unroll
+  for (int c = 0; c < kColsPerWarp; ++c) {
+    const int n = col0 + c;
+#pragma unroll
+    for (int m = 0; m < kMaxRows; ++m) {
+      float g = acc_g[c][m], u = acc_u[c][m];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        g += __shfl_xor_sync(0xFFFFFFFFu, g, off);
+        u += __shfl_xor_sync(0xFFFFFFFFu, u, off);
+      }
+      if (lane == m && m < m_rows && n < p.N && t.dst[m] >= 0) {
+        float out = 0.f;
+        if (t.src[m] >= 0) {
+          if (bias) {
+            g += to_float(bias[e * p.stride_be + n]);
+            if (p.gated) u += to_float(bias[e * p.stride_be + p.inter + n]);
+          }
+          out = p.act == kNone ? g : activate(g, u, p.act, p.gated);
+          if (p.row_weights && !p.scale_input) out *= t.w[m];
+        }
+        y[t.dst[m] * p.stride_y + n] = from_float<T>(out);
+      }
+    }
+  }
+}
+
 // grid: (num_experts, ceil(N / (kWarps * kColsPerWarp))); block: kWarps * 32 threads.
 // K must be a multiple of 16 / sizeof(T) (the launcher checks); VECTOR also needs 16-byte aligned rows.
 template <typename T, bool VECTOR>
@@ -85,9 +152,7 @@ __global__ void __launch_bounds__(kWarps * 32) small_gemm_kernel(Params p) {
   constexpr int VEC = 16 / sizeof(T);
   constexpr int K_TILE = kStageBytes / (kMaxRows * sizeof(T));
   __shared__ __align__(16) T stage[kMaxRows * K_TILE];
-  __shared__ int64_t src_row[kMaxRows];
-  __shared__ int64_t dst_row[kMaxRows];
-  __shared__ float row_w[kMaxRows];
+  __shared__ RowTable rows;
 
   const int e = blockIdx.x;
   const int64_t lo = p.offsets[e], hi = p.offsets[e + 1];
@@ -95,32 +160,12 @@ __global__ void __launch_bounds__(kWarps * 32) small_gemm_kernel(Params p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w) + e * p.stride_we;
-  const T* bias = static_cast<const T*>(p.bias);
-  T* y = static_cast<T*>(p.y);
   const int col0 = (blockIdx.y * kWarps + warp) * kColsPerWarp;
 
   for (int64_t r0 = lo; r0 < hi; r0 += kMaxRows) {
     const int m_rows = static_cast<int>(hi - r0 < kMaxRows ? hi - r0 : kMaxRows);
     __syncthreads();  // the previous pass's epilogue has read the row table
-    if (threadIdx.x < kMaxRows) {
-      const int m = threadIdx.x;
-      int64_t slot = -1, src = -1, dst = -1;
-      float wt = 0.f;
-      if (m < m_rows) {
-        const int64_t r = r0 + m;
-        slot = p.slots ? p.slots[r] : r;
-        if (slot >= 0) {
-          src = p.gather ? slot / p.top_k : r;
-          dst = p.scatter ? slot : r;
-          wt = p.row_weights ? p.row_weights[slot] : 1.f;
-        } else if (!p.scatter) {
-          dst = r;  // padding row: written as zeros in expert order
-        }
-      }
-      src_row[m] = src;
-      dst_row[m] = dst;
-      row_w[m] = wt;
-    }
+    if (threadIdx.x < kMaxRows) fill_row_table(p, rows, threadIdx.x, m_rows, r0, false);
     __syncthreads();  // the row table is written before anyone reads it (with K = 0 no tile loop syncs)
     float acc_g[kColsPerWarp][kMaxRows], acc_u[kColsPerWarp][kMaxRows];
 #pragma unroll
@@ -134,9 +179,9 @@ __global__ void __launch_bounds__(kWarps * 32) small_gemm_kernel(Params p) {
       for (int i = threadIdx.x; i < m_rows * k_tile; i += blockDim.x) {
         const int m = i / k_tile, kk = i - m * k_tile;
         float v = 0.f;
-        if (src_row[m] >= 0) {
-          v = to_float(x[src_row[m] * p.stride_x + k0 + kk]);
-          if (p.scale_input) v = to_float(from_float<T>(v * row_w[m]));
+        if (rows.src[m] >= 0) {
+          v = to_float(x[rows.src[m] * p.stride_x + k0 + kk]);
+          if (p.scale_input) v = to_float(from_float<T>(v * rows.w[m]));
         }
         stage[m * k_tile + kk] = from_float<T>(v);
       }
@@ -153,31 +198,7 @@ __global__ void __launch_bounds__(kWarps * 32) small_gemm_kernel(Params p) {
         }
       }
     }
-#pragma unroll
-    for (int c = 0; c < kColsPerWarp; ++c) {
-      const int n = col0 + c;
-#pragma unroll
-      for (int m = 0; m < kMaxRows; ++m) {
-        float g = acc_g[c][m], u = acc_u[c][m];
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-          g += __shfl_xor_sync(0xFFFFFFFFu, g, off);
-          u += __shfl_xor_sync(0xFFFFFFFFu, u, off);
-        }
-        if (lane == m && m < m_rows && n < p.N && dst_row[m] >= 0) {
-          float out = 0.f;
-          if (src_row[m] >= 0) {
-            if (bias) {
-              g += to_float(bias[e * p.stride_be + n]);
-              if (p.gated) u += to_float(bias[e * p.stride_be + p.inter + n]);
-            }
-            out = p.act == kNone ? g : activate(g, u, p.act, p.gated);
-            if (p.row_weights && !p.scale_input) out *= row_w[m];
-          }
-          y[dst_row[m] * p.stride_y + n] = from_float<T>(out);
-        }
-      }
-    }
+    write_outputs<T, T>(p, rows, e, col0, lane, m_rows, acc_g, acc_u);
   }
 }
 
