@@ -19,6 +19,10 @@ rows/expert  tile (BLOCK_M x BLOCK_N x K)    why
                                              (two 128 x 128 mma.sync accumulators spill)
 ============ ============================== =================================================
 
+Epilogue adjustments (``_fit_epilogue``): the swiglu_oai dA GEMM holds half that accumulator (128 x 32, 64 x 64
+with 8 warps, 32 x 64: its epilogue spills at the table's dA tiles); the biased GEMM with gathered rows runs
+its 128 x 256 tiles one a program on sm_90 (persistent, it spills).
+
 Tile order: GROUP_M m-tiles per group (n-tiles inside), as many as fill 70% of L2 with their A rows;
 dW tiles likewise (GROUP_A a-tiles per group of an expert, at the average rows per expert).
 Stages: 4 where ``stages x (BM x BK + n_w x BK x BN) x bytes`` fits the architecture's shared memory
