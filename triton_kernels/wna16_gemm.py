@@ -97,12 +97,12 @@ def _dequant_tile(w_e, s_e, z_e, n, k, kg, nmask, mask, stride_wn, stride_wk, st
         else:
             z = tl.full(n.shape, 8, tl.int32)
         return (q - z[None, :]).to(tl.float32) * s[None, :]
-    # mxfp4: e2m1 (sign bit 3, exponent bits 1-2, mantissa bit 0) times 2^(s - 127)
-    ex = (q >> 1) & 3
-    m = (q & 1).to(tl.float32)
-    p2 = tl.where(ex == 3, 4.0, tl.where(ex == 2, 2.0, 1.0))
-    mag = tl.where(ex == 0, 0.5 * m, (1.0 + 0.5 * m) * p2)
-    v = tl.where((q & 8) != 0, -mag, mag)
+    # mxfp4: e2m1 (sign bit 3, exponent bits 1-2, mantissa bit 0) times 2^(s - 127), built as fp32 bits (one select
+    # per element): exponent field ex > 0 is 2^(ex-1) * (1 + m/2), i.e. fp32 exponent ex + 126 and mantissa bit 22;
+    # codes 0 and 1 are 0 and 0.5 (fp32 exponent 126, no mantissa)
+    c = q & 7
+    mag = tl.where(c < 2, c * (126 << 23), (((c >> 1) + 126) << 23) | ((c & 1) << 22))
+    v = (mag | ((q & 8) << 28)).to(tl.float32, bitcast=True)
     si = s.to(tl.int32)
     sf = (si << 23).to(tl.float32, bitcast=True)
     sf = tl.where(si == 0, MIN_E8M0, sf)
