@@ -235,10 +235,11 @@ def dot_scaled_mode(fmt: str | None, a_bytes: int, tgt: Target) -> int:
 
 
 def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, gated: bool, group: int,
-                   tgt: Target, fmt: str | None = None) -> dict:
+                   tgt: Target, fmt: str | None = None, zero: bool = False) -> dict:
     """Heuristic tiles for one architecture: row tiles by rows per expert (decode: 16), ``BLOCK_K`` up to 128 and
     dividing the scale group (or a multiple of 32 on the ``tl.dot_scaled`` path of mxfp4, ``DOT_SCALED``), and as
-    many stages (2-4) as the architecture's shared memory holds."""
+    many stages (2-4) as the architecture's shared memory holds. ``zero``: int4 with zero points (``HAS_ZERO``),
+    whose unpacking holds more registers per weight element."""
     rows = max(1, M // max(E, 1))
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 256 else 128
     bn = min(128, max(16, next_pow2(N)))
@@ -261,6 +262,11 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, ga
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
     if tuple(tgt.capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 64 * 128:
         cfg["BLOCK_M"], cfg["num_warps"] = 64, 4
+    if zero and not mode:  # int4 with zero points: fewer K columns per step (gated), more warps (sm_80's prefill)
+        if gated:  # two dequantized tiles: 128 (decode) / 64 (prefill) K columns per step spill on sm_80 and sm_90a
+            cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32 if cfg["BLOCK_M"] >= 64 else 64)
+        elif tuple(tgt.capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 64 * 128:
+            cfg["num_warps"] = 8  # mma.sync keeps the 64x128 accumulator in registers: 4 warps spill on sm_80
     if mode == DOT_SCALED_MODES["mxfp8"]:  # the block-scaled tcgen05 MMA takes 128 rows (smaller tiles: kind::f16)
         cfg["BLOCK_M"], cfg["num_warps"] = 128, 8
         if gated:  # two accumulators and the tile's MXFP8 quantization: 128 x 128 spills on sm_100a
@@ -274,7 +280,7 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, ga
 
 
 def get_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, w_bits: int, gated: bool, group: int,
-               device: torch.device, fmt: str | None = None) -> dict:
+               device: torch.device, fmt: str | None = None, zero: bool = False) -> dict:
     """A tuned config (``configs/<kernel>,...json``, nearest M) if one exists for this shape and device, else the
     architecture's heuristic; a tuned config that does not fit the format (a BLOCK_K that does not divide the
     scale group, or is not a multiple of 32 on the ``DOT_SCALED`` path) is ignored."""
@@ -283,7 +289,7 @@ def get_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, 
         cfg = dict(tuned[min(tuned, key=lambda m: abs(m - M))])
         if _config_fits(cfg, fmt, dtype, group):
             return cfg
-    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, w_bits, gated, group, target(device), fmt)
+    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, w_bits, gated, group, target(device), fmt, zero)
 
 
 def _config_fits(cfg: dict, fmt: str | None, dtype: torch.dtype, group: int) -> bool:
@@ -312,7 +318,7 @@ def wna16_grouped_gemm(
     group = group_size or max(K, 1)
     kernel = f"wna16_{fmt}_gemm" + ("_gated" if gated else "")
     w_bits = 8 if fmt == "int8" else 4
-    cfg = config or get_config(kernel, P, N, K, E, x.dtype, w_bits, gated, group_size, x.device, fmt)
+    cfg = config or get_config(kernel, P, N, K, E, x.dtype, w_bits, gated, group_size, x.device, fmt, w_zero is not None)
     if not _config_fits(cfg, fmt, x.dtype, group_size):
         raise ValueError(f"wna16_grouped_gemm: config {cfg} does not fit fmt={fmt!r} with {x.dtype} activations and "
                          f"group_size={group_size} (DOT_SCALED needs mxfp4, bf16/fp16 and BLOCK_K % 32 == 0; else "
