@@ -262,10 +262,10 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, ga
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
     if tuple(tgt.capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 64 * 128:
         cfg["BLOCK_M"], cfg["num_warps"] = 64, 4
-    if zero and not mode:  # int4 with zero points: fewer K columns per step (gated), more warps (sm_80's prefill)
-        if gated:  # two dequantized tiles: 128 (decode) / 64 (prefill) K columns per step spill on sm_80 and sm_90a
+    if (zero or fmt == "mxfp4") and not mode:  # int4 with zero points, e2m1 decode: their unpacking takes registers
+        if gated and zero:  # two dequantized tiles: 128 (decode) / 64 (prefill) K columns per step spill (sm_80, sm_90a)
             cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32 if cfg["BLOCK_M"] >= 64 else 64)
-        elif tuple(tgt.capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 64 * 128:
+        elif not gated and tuple(tgt.capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 64 * 128:
             cfg["num_warps"] = 8  # mma.sync keeps the 64x128 accumulator in registers: 4 warps spill on sm_80
     if mode == DOT_SCALED_MODES["mxfp8"]:  # the block-scaled tcgen05 MMA takes 128 rows (smaller tiles: kind::f16)
         cfg["BLOCK_M"], cfg["num_warps"] = 128, 8
