@@ -252,11 +252,12 @@ def smem_bytes(cfg: dict, a_bytes: int, gated: bool) -> int:
 
 
 def default_config(M: int, N: int, K: int, E: int, a_bytes: int, gated: bool, block_k: int | None,
-                   tgt: Target) -> dict:
+                   tgt: Target, bias: bool = False) -> dict:
     """Heuristic tiles of the FP8 GEMM for one architecture (``_launch.Target``): row tiles by rows per expert
     (decode: 16), 128-byte K rows of fp8 (``BLOCK_K = 128``, or the block scale's ``bk`` where the loop needs it),
     as many pipeline stages (2-4) as the target's shared memory holds; on targets without fp8 tensor cores
-    (the weight-only path) narrower tiles, since decoding the weight tiles takes registers."""
+    (the weight-only path) narrower tiles, since decoding the weight tiles takes registers (``bias``: the
+    launch adds biases in the epilogue)."""
     capability = tgt.capability
     rows = max(1, M // max(E, 1))
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 256 else 128
@@ -271,6 +272,10 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, gated: bool, bl
     warps = 8 if acc_tiles * (2 if block_k is not None else 1) >= 128 * 128 else 4
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 4,
            "TMA": _configs.use_tma(tgt.capability)}
+    if tuple(capability) < (8, 9) and gated and block_k is not None and bias and bm * bn >= 128 * 64:
+        # weight-only 128x64 gated tile with block scales (two accumulators and their partials) and biases: the
+        # registers of a 4-stage pipeline spill on sm_80, 2 stages do not (the decode's work per stage hides latency)
+        cfg["num_stages"] = 2
     limit = tgt.smem_per_block - 8192  # room for the epilogue's layout conversion
     while cfg["num_stages"] > 2 and smem_bytes(cfg, a_bytes, gated) > limit:
         cfg["num_stages"] -= 1
@@ -280,7 +285,7 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, gated: bool, bl
 
 
 def get_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, gated: bool, block_k: int | None,
-               device: torch.device) -> dict:
+               device: torch.device, bias: bool = False) -> dict:
     """A tuned config (``configs/<kernel>,...json``, nearest M) if one exists for this shape and device, else the
     architecture's heuristic; a tuned BLOCK_K that breaks the block-scale constraint is ignored."""
     tuned = _configs._load(str(_configs.config_file(kernel, E, N, K, dtype, _configs.device_name(device))))
@@ -288,7 +293,7 @@ def get_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, 
         cfg = dict(tuned[min(tuned, key=lambda m: abs(m - M))])
         if block_k is None or cfg["BLOCK_K"] == block_k:
             return cfg
-    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, gated, block_k, target(device))
+    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, gated, block_k, target(device), bias)
 
 
 def act_scales(x: torch.Tensor, per_tensor: bool, fmax: float, *, launch=DIRECT, empty) -> torch.Tensor:
@@ -349,7 +354,7 @@ def fp8_grouped_gemm(
     if in_loop:
         need_bk = block_k if a_mode == 2 else min(block_k, 128)
     kernel = "fp8_gemm_gated" if gated else "fp8_gemm"
-    cfg = config or get_config(kernel, P, N, K, E, x.dtype, gated, need_bk, x.device)
+    cfg = config or get_config(kernel, P, N, K, E, x.dtype, gated, need_bk, x.device, bias is not None)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if _interpreting():  # small tiles keep the interpreter fast; tile sizes do not change results
         bm, bn = min(bm, 32), min(bn, 128)

@@ -97,12 +97,12 @@ def _dequant_tile(w_e, s_e, z_e, n, k, kg, nmask, mask, stride_wn, stride_wk, st
         else:
             z = tl.full(n.shape, 8, tl.int32)
         return (q - z[None, :]).to(tl.float32) * s[None, :]
-    # mxfp4: e2m1 (sign bit 3, exponent bits 1-2, mantissa bit 0) times 2^(s - 127)
-    ex = (q >> 1) & 3
-    m = (q & 1).to(tl.float32)
-    p2 = tl.where(ex == 3, 4.0, tl.where(ex == 2, 2.0, 1.0))
-    mag = tl.where(ex == 0, 0.5 * m, (1.0 + 0.5 * m) * p2)
-    v = tl.where((q & 8) != 0, -mag, mag)
+    # mxfp4: e2m1 (sign bit 3, exponent bits 1-2, mantissa bit 0) times 2^(s - 127), built as fp32 bits (one select
+    # per element): exponent field ex > 0 is 2^(ex-1) * (1 + m/2), i.e. fp32 exponent ex + 126 and mantissa bit 22;
+    # codes 0 and 1 are 0 and 0.5 (fp32 exponent 126, no mantissa)
+    c = q & 7
+    mag = tl.where(c < 2, c * (126 << 23), (((c >> 1) + 126) << 23) | ((c & 1) << 22))
+    v = (mag | ((q & 8) << 28)).to(tl.float32, bitcast=True)
     si = s.to(tl.int32)
     sf = (si << 23).to(tl.float32, bitcast=True)
     sf = tl.where(si == 0, MIN_E8M0, sf)
@@ -235,10 +235,11 @@ def dot_scaled_mode(fmt: str | None, a_bytes: int, tgt: Target) -> int:
 
 
 def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, gated: bool, group: int,
-                   tgt: Target, fmt: str | None = None) -> dict:
+                   tgt: Target, fmt: str | None = None, zero: bool = False) -> dict:
     """Heuristic tiles for one architecture: row tiles by rows per expert (decode: 16), ``BLOCK_K`` up to 128 and
     dividing the scale group (or a multiple of 32 on the ``tl.dot_scaled`` path of mxfp4, ``DOT_SCALED``), and as
-    many stages (2-4) as the architecture's shared memory holds."""
+    many stages (2-4) as the architecture's shared memory holds. ``zero``: int4 with zero points (``HAS_ZERO``),
+    whose unpacking holds more registers per weight element."""
     rows = max(1, M // max(E, 1))
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 256 else 128
     bn = min(128, max(16, next_pow2(N)))
@@ -261,6 +262,11 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, ga
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
     if tuple(tgt.capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 64 * 128:
         cfg["BLOCK_M"], cfg["num_warps"] = 64, 4
+    if (zero or fmt == "mxfp4") and not mode:  # int4 with zero points, e2m1 decode: their unpacking takes registers
+        if gated and zero:  # two dequantized tiles: 128 (decode) / 64 (prefill) K columns per step spill (sm_80, sm_90a)
+            cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32 if cfg["BLOCK_M"] >= 64 else 64)
+        elif not gated and tuple(tgt.capability) < (9, 0) and cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 64 * 128:
+            cfg["num_warps"] = 8  # mma.sync keeps the 64x128 accumulator in registers: 4 warps spill on sm_80
     if mode == DOT_SCALED_MODES["mxfp8"]:  # the block-scaled tcgen05 MMA takes 128 rows (smaller tiles: kind::f16)
         cfg["BLOCK_M"], cfg["num_warps"] = 128, 8
         if gated:  # two accumulators and the tile's MXFP8 quantization: 128 x 128 spills on sm_100a
@@ -274,7 +280,7 @@ def default_config(M: int, N: int, K: int, E: int, a_bytes: int, w_bits: int, ga
 
 
 def get_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, w_bits: int, gated: bool, group: int,
-               device: torch.device, fmt: str | None = None) -> dict:
+               device: torch.device, fmt: str | None = None, zero: bool = False) -> dict:
     """A tuned config (``configs/<kernel>,...json``, nearest M) if one exists for this shape and device, else the
     architecture's heuristic; a tuned config that does not fit the format (a BLOCK_K that does not divide the
     scale group, or is not a multiple of 32 on the ``DOT_SCALED`` path) is ignored."""
@@ -283,7 +289,7 @@ def get_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, 
         cfg = dict(tuned[min(tuned, key=lambda m: abs(m - M))])
         if _config_fits(cfg, fmt, dtype, group):
             return cfg
-    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, w_bits, gated, group, target(device), fmt)
+    return default_config(M, N, K, E, torch.finfo(dtype).bits // 8, w_bits, gated, group, target(device), fmt, zero)
 
 
 def _config_fits(cfg: dict, fmt: str | None, dtype: torch.dtype, group: int) -> bool:
@@ -312,7 +318,7 @@ def wna16_grouped_gemm(
     group = group_size or max(K, 1)
     kernel = f"wna16_{fmt}_gemm" + ("_gated" if gated else "")
     w_bits = 8 if fmt == "int8" else 4
-    cfg = config or get_config(kernel, P, N, K, E, x.dtype, w_bits, gated, group_size, x.device, fmt)
+    cfg = config or get_config(kernel, P, N, K, E, x.dtype, w_bits, gated, group_size, x.device, fmt, w_zero is not None)
     if not _config_fits(cfg, fmt, x.dtype, group_size):
         raise ValueError(f"wna16_grouped_gemm: config {cfg} does not fit fmt={fmt!r} with {x.dtype} activations and "
                          f"group_size={group_size} (DOT_SCALED needs mxfp4, bf16/fp16 and BLOCK_K % 32 == 0; else "
