@@ -257,7 +257,8 @@ def wgrad_hbm_bytes(rows: list[int], A: int, B: int, ba: int, bb: int, es: int, 
     return n
 
 
-def _gemm_launch(name, rows, N, K, es, kernel, E, arch, out_bytes, extra_bytes=0, n_w=1, group_m=None, fmt=None):
+def _gemm_launch(name, rows, N, K, es, kernel, E, arch, out_bytes, extra_bytes=0, n_w=1, group_m=None, fmt=None,
+                 **epilogue):
     from moe_kernels.triton_kernels import tiles, wna16_gemm
 
     t = tiles._launch.TARGETS[arch]
@@ -271,7 +272,8 @@ def _gemm_launch(name, rows, N, K, es, kernel, E, arch, out_bytes, extra_bytes=0
         per_prog = wna16_gemm.smem_bytes(cfg, es, bits, n_w == 2)
         g = int(tiles.group_m(cfg["BLOCK_M"], K, es, tiles.L2.get(arch, tiles.L2["sm_86"])))
     else:
-        cfg = tiles.gemm_config(kernel, M, N, K, E, {2: torch.bfloat16, 4: torch.float32}[es], torch.device("meta"))
+        cfg = tiles.gemm_config(kernel, M, N, K, E, {2: torch.bfloat16, 4: torch.float32}[es], torch.device("meta"),
+                                **epilogue)  # the epilogue's tile adjustments (tiles._fit_epilogue)
         per_prog = tiles.smem_bytes(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], es, n_w)
         g = cfg["GROUP_M"]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -324,9 +326,11 @@ def fused_account(s: Shape, path: str, *, arch: str = "sm_90", rows: list[int] |
             out.append(dict(launch="combine", tile="", flops=0, min_flops=0, bytes=S * H * es + s.T * H * es))
             return out
         if path == "bwd":
-            out.append(_gemm_launch("GEMM1 recompute h", rows, n_w * I, H, es, "gemm", E, arch, S * n_w * I * es, group_m=group_m))
+            out.append(_gemm_launch("GEMM1 recompute h", rows, n_w * I, H, es, "gemm", E, arch, S * n_w * I * es, group_m=group_m,
+                                    bias=bool(s.cfg.get("bias")), gather=True))
         out.append(_gemm_launch("dA + act bwd + dots", rows, I, H, es, "gemm_act_bwd", E, arch,
-                                S * (n_w + 1) * I * es + S * F32, extra_bytes=S * n_w * I * es, group_m=group_m))
+                                S * (n_w + 1) * I * es + S * F32, extra_bytes=S * n_w * I * es, group_m=group_m,
+                                activation=s.activation))
         out.append(_gemm_launch("dX scatter", rows, H, n_w * I, es, "gemm", E, arch, S * H * es, group_m=group_m))
         out.append(dict(launch="combine + dw", tile="", flops=0, min_flops=0, bytes=S * H * es + s.T * H * es + 2 * S * F32))
         out.append(_wgrad_launch("dW13 (+db13)", rows, n_w * I, H, es, arch))

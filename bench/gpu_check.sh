@@ -10,8 +10,9 @@
 # skipped with less than 15 s left):
 #   1. environment record (date, GPU, driver, torch, triton, commit)      5
 #   2. build moe_kernels._C for sm_90a (MAX_JOBS=16)                     150
-#   3. kernels vs the float64 reference (grouped GEMM, fused MoE,
-#      permute, gating, expert choice, NaN propagation, launch path)     100
+#   3. kernels vs the float64 reference (grouped GEMM, TMA, fused MoE,
+#      permute, gating, expert choice, NaN propagation, launch path,
+#      the quantized CUDA decode)     100
 #   4. torch.compile / CUDA graphs / opcheck, batch invariance            70
 #   5. the rest of the suite (layer, LoRA, integrations, losses, ...)     60
 #   6. compute-sanitizer memcheck on the CUDA kernel tests                50
@@ -116,7 +117,7 @@ step build 150 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MOE_KERN
 pytest_q() { python -m pytest -q -p no:cacheprovider -o addopts="" "$@"; }
 
 step kernels 100 pytest_q -x -n "$workers" tests/test_gemm_kernels.py tests/test_tma.py tests/test_permute_kernels.py \
-  tests/test_gating_kernels.py tests/test_expert_choice.py tests/test_nan_propagation.py tests/test_launch.py tests/test_cuda_fixes.py \
+  tests/test_gating_kernels.py tests/test_expert_choice.py tests/test_nan_propagation.py tests/test_launch.py tests/test_cuda_fixes.py tests/test_cuda_quant_decode.py \
   --junitxml="$out/kernels.xml"
 step compile_graphs_invariance 70 pytest_q -n "$workers" tests/test_batch_invariance.py \
   tests/test_gemm_kernels.py tests/test_tma.py tests/test_lora.py tests/test_gating_kernels.py tests/test_routing.py \
@@ -126,7 +127,8 @@ step rest_of_suite 60 pytest_q -n "$workers" tests --junitxml="$out/suite.xml" \
   --ignore=tests/test_gating_kernels.py --ignore=tests/test_expert_choice.py --ignore=tests/test_nan_propagation.py
 step memcheck 50 compute-sanitizer --tool memcheck --error-exitcode 9 \
   python -m pytest -q -x -p no:cacheprovider tests/test_gemm_kernels.py tests/test_permute_kernels.py \
-  tests/test_gating_kernels.py tests/test_cuda_fixes.py tests/test_nan_propagation.py -k "cuda and not compile and not graph"
+  tests/test_gating_kernels.py tests/test_cuda_fixes.py tests/test_nan_propagation.py tests/test_cuda_quant_decode.py \
+  -k "cuda and not compile and not graph"
 step racecheck 25 compute-sanitizer --tool racecheck --error-exitcode 9 \
   python -m pytest -q -x -p no:cacheprovider tests/test_gemm_kernels.py tests/test_gating_kernels.py tests/test_cuda_fixes.py \
   -k "cuda and not compile and not graph and (small or 257 or k0)"

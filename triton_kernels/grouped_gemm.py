@@ -458,7 +458,8 @@ def grouped_gemm(
     kernel = "gemm_act_bwd" if act_bwd else "gemm_gated" if gated else "gemm"
     block_m = schedule.tile_m if schedule is not None else None
     cfg = {"GROUP_M": 8, "PERSISTENT": False, "NUM_PROGS": 1, **config} if config else \
-        gemm_config(kernel, P, N, K, E, x.dtype, x.device, block_m)
+        gemm_config(kernel, P, N, K, E, x.dtype, x.device, block_m, activation=activation, bias=bias is not None,
+                    gather=gather_top_k > 0)
     if block_m is not None:
         cfg["BLOCK_M"] = block_m
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]

@@ -19,6 +19,10 @@ rows/expert  tile (BLOCK_M x BLOCK_N x K)    why
                                              (two 128 x 128 mma.sync accumulators spill)
 ============ ============================== =================================================
 
+Epilogue adjustments (``_fit_epilogue``): the swiglu_oai dA GEMM holds half that accumulator (128 x 32, 64 x 64
+with 8 warps, 32 x 64: its epilogue spills at the table's dA tiles); the biased GEMM with gathered rows runs
+its 128 x 256 tiles one a program on sm_90 (persistent, it spills).
+
 Tile order: GROUP_M m-tiles per group (n-tiles inside), as many as fill 70% of L2 with their A rows;
 dW tiles likewise (GROUP_A a-tiles per group of an expert, at the average rows per expert).
 Stages: 4 where ``stages x (BM x BK + n_w x BK x BN) x bytes`` fits the architecture's shared memory
@@ -87,10 +91,41 @@ def _fit_stages(cfg: dict, es: int, n_w: int, smem: int) -> dict:
     return cfg
 
 
+# Activations whose backward epilogue (dA GEMM) needs half the accumulator of the table's dA tile: swiglu_oai
+# (gpt-oss: clamps, sigmoid(alpha * gate) and its derivative, (up + 1), on gate and up tiles) spills at 32 fp32
+# accumulator elements per thread (128 x 64 with 8 warps, 64 x 64 with 4, 32 x 128 with 4) on sm_80 and sm_90a.
+HEAVY_ACT_BWD = ("swiglu_oai",)
+
+
+def _fit_epilogue(cfg: dict, kernel: str, activation: str, bias: bool, gather: bool) -> dict:
+    """The heuristic tile adjusted where the epilogue or the A loads leave too few registers (ptxas spills;
+    ``tests/triton_compile_check.py`` fails on any spilled byte); every other launch keeps its tile.
+
+    - dA of a :data:`HEAVY_ACT_BWD` activation: 16 accumulator elements per thread, keeping the row tile (the
+      plan's schedule fixes it): 128 x 32 (8 warps), 64 x 64 with 8 warps instead of 4, 32 x 64 (4 warps).
+    - The persistent 128 x 256 GEMM on sm_90 with a bias and gathered rows (the backward's recompute of the
+      pre-activation with biased experts): one tile per program instead (the persistent loop's state is
+      what spills), still 128 x 256 with wgmma and TMA weights.
+    """
+    if kernel == "gemm_act_bwd" and activation in HEAVY_ACT_BWD:
+        if cfg["BLOCK_M"] >= 128:
+            cfg.update(BLOCK_N=min(cfg["BLOCK_N"], 32), num_warps=8)
+        elif cfg["BLOCK_M"] >= 64:
+            cfg["num_warps"] = 8
+        else:
+            cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
+    if kernel == "gemm" and cfg.get("PERSISTENT") and cfg["BLOCK_N"] >= 256 and bias and gather:
+        cfg["PERSISTENT"] = False
+    return cfg
+
+
 def gemm_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype, device: torch.device,
-                block_m: int | None = None) -> dict:
+                block_m: int | None = None, *, activation: str = "none", bias: bool = False,
+                gather: bool = False) -> dict:
     """The config of one grouped GEMM launch (``kernel`` "gemm", "gemm_gated" or "gemm_act_bwd"; M rows, N output columns,
-    K reduction); ``block_m`` forces the row tile (a schedule built for it)."""
+    K reduction); ``block_m`` forces the row tile (a schedule built for it). ``activation``, ``bias`` and
+    ``gather`` (rows of x read through the plan) describe the epilogue and the A loads: the few launches
+    whose registers they exhaust get narrower tiles (:data:`HEAVY_ACT_BWD`, :func:`_fit_epilogue`)."""
     cap, smem, sms = target(device)
     es = dtype.itemsize
     n_w = 2 if kernel == "gemm_gated" else 1
@@ -111,6 +146,9 @@ def gemm_config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype,
             narrow = kernel == "gemm_act_bwd" or (kernel == "gemm_gated" and cap < (9, 0))
             cfg = dict(BLOCK_M=128, BLOCK_N=256 if wide else 64 if narrow else 128, BLOCK_K=64, num_warps=8)
             cfg["PERSISTENT"] = cap >= (9, 0) and kernel != "gemm_act_bwd"  # persistent dA spills (sm_90)
+        if block_m is not None:
+            cfg["BLOCK_M"] = block_m
+        _fit_epilogue(cfg, kernel, activation, bias, gather)
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, next_pow2(N)))
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, next_pow2(K)))
         if dtype == torch.float32:
