@@ -230,6 +230,14 @@ def _blocks(E: int, k: int, budget: int = 4096):
     return block_t, block_e, max(next_pow2(k), 2)
 
 
+def _warps(block_t: int, block_e: int) -> int:
+    """Warps of the forward kernel: 16 elements a thread at the 4096-element tile. It holds the logits, scores and
+    int64 keys of the tile through the top-k loop; 32 a thread spilled on sm_80 and sm_90a at E = 60, k = 4 with
+    renormalisation and statistics. The extra warps extend the rows a program covers, never the columns (up to
+    512 columns 4 warps span a row): every per-row reduction keeps the order it has with 4 warps."""
+    return 8 if block_t * block_e >= 4096 and block_e <= 512 else 4
+
+
 def topk_gating(logits, bias, top_k, scoring, renormalize, num_groups, topk_groups, scaling_factor, with_stats,
                 group_n=1, *, launch=identity_launch, empty):
     """Launcher: ``logits [T, E]`` -> ``(weights [T, k] fp32, ids [T, k] int32, counts, score_sums)``;
@@ -254,6 +262,7 @@ def topk_gating(logits, bias, top_k, scoring, renormalize, num_groups, topk_grou
             scaling_factor, HAS_BIAS=bias is not None, SCORING=SCORING_CODES[scoring], RENORM=renormalize,
             GROUPED=num_groups > 1, WITH_STATS=with_stats,
             BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_G=max(next_pow2(num_groups), 2),
+            num_warps=_warps(block_t, block_e),
         )
     if not with_stats:
         return weights, ids, ids.new_empty(0), weights.new_empty(0)

@@ -24,6 +24,15 @@ from ._utils import identity_launch, next_pow2
 from .schedule import block_t, empty_schedule, write_tiles
 
 BLOCK = 128  # elements per sub-block (the in-block rank is a BLOCK x BLOCK comparison)
+# The scan's [BLOCK_P, BLOCK_E] tile: 4096 elements over 8 warps, 16 a thread. Its column scan crosses lanes and
+# warps (a histogram row is contiguous, so lanes run along the experts), which costs registers per element held:
+# 8192 over 4 warps spilled on sm_80 and sm_90a at E = 60 (a 128 x 64 tile).
+SCAN_TILE, SCAN_WARPS = 4096, 8
+
+
+def scan_rows(block_e: int) -> int:
+    """Histogram rows per step of ``plan_scan_kernel``: from E only, never a guard on the token count."""
+    return max(1, min(256, SCAN_TILE // block_e))
 
 
 @triton.jit
@@ -150,7 +159,7 @@ def _pass(ids, expert_map, rank_in, num_experts, capacity, priority, final, bloc
     counts = empty((num_experts,), dtype=torch.int32, device=dev) if final else base
     offsets = empty((num_experts + 1,), dtype=torch.int32, device=dev) if final else base
     launch(plan_scan_kernel)[(1,)](hist, base, counts, offsets, n_prog, num_experts, block_size, FINAL=final,
-                                   BLOCK_E=block_e, BLOCK_P=max(1, min(256, 8192 // block_e)))  # from E only: never a guard on T
+                                   BLOCK_E=block_e, BLOCK_P=scan_rows(block_e), num_warps=SCAN_WARPS)
     rank_out, slot_to_row, sorted_slots = out
     sched = schedule
     launch(plan_rank_kernel)[(n_prog,)](
