@@ -134,28 +134,43 @@ def _split(h: torch.Tensor, gated: bool, interleaved: bool):
 
 
 def _fast_act(kind: str, gated: bool, dtype: torch.dtype) -> bool:
-    """SwiGLU in the GEMM dtype (fp32/fp64: the reference computes in that dtype too)."""
-    return kind == "silu" and gated and (dtype == torch.float32 or dtype == torch.float64)
+    """SwiGLU and gpt-oss's clamped SwiGLU in the GEMM dtype (fp32/fp64: the reference computes in that dtype
+    too), with what the backward reuses kept."""
+    return (kind == "silu" or kind == "swiglu_oai") and gated and (dtype == torch.float32 or dtype == torch.float64)
 
 
 def _activation(h, kind, gated, interleaved, keep: bool):
-    """``(a [n, I], silu(g) or None)``; ``silu(g)`` kept for the backward when ``keep``."""
+    """``(a [n, I], saved)``: ``saved`` (when ``keep``) is ``silu(g)`` for silu, ``(sigmoid(alpha * g_c),
+    glu = g_c * sigmoid(alpha * g_c), u_c + 1)`` for swiglu_oai (``g_c``, ``u_c``: the clamped gate and up);
+    None otherwise."""
     if not _fast_act(kind, gated, h.dtype):
         return ref.activation(h, kind, gated, interleaved), None
     g, u = _split(h, gated, interleaved)
-    s = F.silu(g)
-    return (s * u, s) if keep else (s.mul_(u), None)
+    if kind == "silu":
+        s = F.silu(g)
+        return (s * u, s) if keep else (s.mul_(u), None)
+    gc = g.clamp(max=ref.OAI_LIMIT)
+    sg = torch.sigmoid(gc * ref.OAI_ALPHA)
+    glu = gc.mul_(sg)
+    up1 = u.clamp(-ref.OAI_LIMIT, ref.OAI_LIMIT).add_(1)
+    return (glu * up1, (sg, glu, up1)) if keep else (glu.mul_(up1), None)
 
 
-def _activation_backward(g_a, h, s, kind, gated, interleaved):
-    if s is None:
+def _activation_backward(g_a, h, saved, kind, gated, interleaved):
+    if saved is None:
         return ref.activation_backward(g_a, h, kind, gated, interleaved)
     g, u = _split(h, gated, interleaved)
     g_h = empty(*h.shape, dtype=h.dtype, device=h.device)
     dg, du = _split(g_h, gated, interleaved)
-    torch.mul(g_a, s, out=du)
-    torch.mul(g_a, u, out=dg)
-    torch.ops.aten.silu_backward.grad_input(dg, g, grad_input=dg)
+    if kind == "silu":
+        torch.mul(g_a, saved, out=du)
+        torch.mul(g_a, u, out=dg)
+        torch.ops.aten.silu_backward.grad_input(dg, g, grad_input=dg)
+        return g_h
+    sg, glu, up1 = saved  # d a / d glu = u_c + 1, d glu / d g_c = sg + alpha * glu * (1 - sg), d a / d u_c = glu
+    torch.mul(g_a, glu, out=du).mul_(u.abs() <= ref.OAI_LIMIT)  # no gradient past the clamps (nor for NaN)
+    slope = torch.rsub(sg, 1).mul_(glu).mul_(ref.OAI_ALPHA).add_(sg)
+    torch.mul(g_a, up1, out=dg).mul_(slope).mul_(g <= ref.OAI_LIMIT)
     return g_h
 
 

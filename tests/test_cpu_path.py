@@ -77,6 +77,7 @@ CASES = {
     "relu_plain": dict(T=9, E=5, k=2, act="relu", gated=False, bias=True),
     "gelu": dict(T=9, E=5, k=2, act="gelu"),
     "oai_interleaved": dict(T=9, E=5, k=2, act="swiglu_oai", interleaved=True, bias=True, drop=True),
+    "oai_concat": dict(T=9, E=5, k=2, act="swiglu_oai"),
     "silu_interleaved": dict(T=9, E=5, k=2, interleaved=True),
     "transposed": dict(T=9, E=5, k=2, transposed=True, bias=True),
     "int32_ids": dict(T=9, E=5, k=2, id_dtype=torch.int32, drop=True),
@@ -124,6 +125,28 @@ def test_matches_reference(name, path):
         assert_close(f"grad {n}", got, e, rms_tol=1e-12)
         if c.get("transposed") and n in ("w13", "w2"):
             assert got.transpose(1, 2).is_contiguous(), f"grad {n} is not laid out as the transposed parameter"
+
+
+@pytest.mark.parametrize("kind", ["silu", "swiglu_oai"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_fast_activations_match_the_reference(kind, interleaved):
+    """The CPU path's SwiGLU and clamped SwiGLU (forward kept for the backward, and in place) against the
+    reference's forward and backward in float64, at the clamp limits, past them, at +-inf and NaN."""
+    h = torch.randn(37, 48, dtype=torch.float64) * 6
+    lim = ref.OAI_LIMIT
+    for (r, c), v in {(0, 0): float("nan"), (1, 3): lim, (2, 5): -lim, (3, 1): float("inf"), (4, 30): -float("inf"),
+                      (5, 31): float("nan"), (6, 40): lim, (7, 41): -lim, (8, 2): 1e30}.items():
+        h[r, c] = v
+    g_a = torch.randn(37, 24, dtype=torch.float64)
+    a, saved = _cpu_moe._activation(h, kind, True, interleaved, True)
+    a_inplace, none = _cpu_moe._activation(h.clone(), kind, True, interleaved, False)
+    want = ref.activation(h, kind, True, interleaved)
+    assert saved is not None and none is None
+    for got in (a, a_inplace):
+        assert torch.allclose(got, want, rtol=1e-13, atol=1e-13, equal_nan=True)
+    g_h = _cpu_moe._activation_backward(g_a, h, saved, kind, True, interleaved)
+    assert torch.allclose(g_h, ref.activation_backward(g_a, h, kind, True, interleaved), rtol=1e-13, atol=1e-13,
+                          equal_nan=True)
 
 
 @pytest.mark.parametrize("loop", [True, False])
