@@ -41,7 +41,7 @@ from . import tiles as _tiles
 from ._launch import DIRECT, Target, target
 from ._utils import next_pow2
 from .fp8_gemm import _interpreting, _round_to_fp8_grid
-from .grouped_gemm import ACTS, _activate, _dot, _tile_coords
+from .grouped_gemm import ACTS, _bias_act, _dot, _store_rows, _tile_coords, _tile_rows, _zero_rows
 from .schedule import tile_schedule
 
 FMT_IDS = {"int8": 0, "int4": 1, "mxfp4": 2}
@@ -135,17 +135,9 @@ def wna16_grouped_gemm_kernel(
     cmask = cols < N
     if e >= num_experts:  # the rows past the last segment: zeros (in expert order only)
         if not SCATTER:
-            zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32).to(y_ptr.dtype.element_ty)
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], zero, mask=(rows < row_end)[:, None] & cmask[None, :])
+            _zero_rows(y_ptr, rows, cols, row_end, cmask, stride_ym, BLOCK_M, BLOCK_N)
         return
-    rmask = rows < row_end
-    if HAS_SLOTS:
-        slot = tl.load(slots_ptr + rows, mask=rmask, other=-1).to(tl.int64)
-        rmask = rmask & (slot >= 0)
-    if GATHER:
-        src = tl.where(rmask, slot // top_k, 0)
-    else:
-        src = rows
+    rmask, slot, src = _tile_rows(rows, row_end, slots_ptr, top_k, HAS_SLOTS, GATHER)
     if IN_SCALE or OUT_SCALE:
         row_w = tl.load(row_w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
     ks = tl.arange(0, BLOCK_K)
@@ -189,25 +181,10 @@ def wna16_grouped_gemm_kernel(
                                    stride_sg, stride_zn, stride_zg, FMT, HAS_ZERO)
                 acc_u = _dot(a, bu.to(a.dtype), acc_u, IEEE)
         a_ptrs += BLOCK_K
-    if HAS_BIAS:
-        acc_g += tl.load(bias_ptr + e * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_u += tl.load(bias_ptr + e * stride_be + inter + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if ACT != 0:
-        if GATED:
-            acc_g = _activate(acc_g, acc_u, ACT, GATED)
-        else:
-            acc_g = _activate(acc_g, acc_g, ACT, GATED)
-    if OUT_SCALE:
-        acc_g = acc_g * row_w[:, None]
-    if SCATTER:
-        dst = tl.where(rmask, slot, 0)
-        omask = rmask[:, None] & cmask[None, :]
-    else:
-        dst = rows
-        acc_g = tl.where(rmask[:, None], acc_g, 0.0)  # padding rows of a segment are zero
-        omask = (rows < row_end)[:, None] & cmask[None, :]
-    tl.store(y_ptr + dst[:, None] * stride_ym + cols[None, :], acc_g.to(y_ptr.dtype.element_ty), mask=omask)
+    acc_g, _ = _bias_act(acc_g, acc_u if GATED else acc_g, bias_ptr, e, stride_be, cols, inter, cmask, HAS_BIAS, ACT,
+                         GATED)
+    _store_rows(y_ptr, acc_g, rows, slot, rmask, row_end, cols, cmask, stride_ym, row_w if OUT_SCALE else rmask,
+                OUT_SCALE, SCATTER)
 
 
 def smem_bytes(cfg: dict, a_bytes: int, w_bits: int, gated: bool) -> int:
