@@ -44,3 +44,29 @@ def tolerance(dtype: torch.dtype) -> float:
 def nan_like(t: torch.Tensor) -> torch.Tensor:
     """A fresh tensor shaped like ``t`` full of NaN (fill outputs before a kernel writes them)."""
     return torch.full_like(t, float("nan"))
+
+
+def assert_compiles_and_replays(layer, tokens, x: torch.Tensor, *, rms_tol: float = 2e-2) -> None:
+    """``layer`` (a module or function of ``[T, H]``, on a CUDA device) under ``torch.compile(fullgraph=True,
+    dynamic=True)`` at each token count of ``tokens``: forward and backward run, the output within ``rms_tol`` of
+    eager. Then ``layer(x)`` captured in a CUDA graph (warmed up on a side stream) and replayed on new values of
+    ``x``: equal to eager on them (1e-6)."""
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for T in tokens:
+        xt = torch.randn(T, x.shape[1], device=x.device, dtype=x.dtype, requires_grad=True)
+        y = compiled(xt)
+        y.float().square().mean().backward()
+        assert_close("compiled", y, layer(xt.detach()), rms_tol=rms_tol)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(2):
+            layer(x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        y_graph = layer(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    with torch.no_grad():
+        assert_close("graph replay", y_graph, layer(x), rms_tol=1e-6)

@@ -263,24 +263,30 @@ def test_forward_runs_no_more_ops_than_transformers_grouped_mm(T, E, k):
         assert len(ops) - gemms <= len(hf_ops) - hf_gemms, (ops, hf_ops)
 
 
-@pytest.mark.parametrize("strict", ["0", "1"])
-def test_hf_sentinels_dropped_in_both_value_modes(monkeypatch, strict):
-    """transformers' expert-parallel sentinels (ids >= E) are dropped slots, also where the strict value mode
-    rejects ids outside [0, E) and -1."""
-    transformers = pytest.importorskip("transformers")  # noqa: F841
+def _mixtral_experts():
+    """transformers' Mixtral experts (E = 4, H = 32, I = 16, fp64, random weights) on the registered backend."""
+    pytest.importorskip("transformers")
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
     from moe_kernels.integrations.transformers import register
 
     register()
-    monkeypatch.setenv("MOE_KERNELS_CHECK_VALUES", strict)
     cfg = MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
     cfg._experts_implementation = "moe_kernels"
     ex = MixtralExperts(cfg).double()
     with torch.no_grad():
         for p in ex.parameters():
             p.normal_(0, 0.2)
+    return ex
+
+
+@pytest.mark.parametrize("strict", ["0", "1"])
+def test_hf_sentinels_dropped_in_both_value_modes(monkeypatch, strict):
+    """transformers' expert-parallel sentinels (ids >= E) are dropped slots, also where the strict value mode
+    rejects ids outside [0, E) and -1."""
+    monkeypatch.setenv("MOE_KERNELS_CHECK_VALUES", strict)
+    ex = _mixtral_experts()
     x = torch.randn(5, 32, dtype=torch.float64)
     ids = torch.tensor([[0, 4], [1, 2], [7, 3], [4, 5], [2, 0]])
     w = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
@@ -295,20 +301,9 @@ def test_hf_sentinels_dropped_in_both_value_modes(monkeypatch, strict):
 
 def test_hf_checked_signature_still_rejects_bad_input():
     """The transformers experts skip fused_moe's checks only for a call shaped exactly as one that passed them."""
-    pytest.importorskip("transformers")
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
     from moe_kernels.integrations import hf_experts
-    from moe_kernels.integrations.transformers import register
 
-    register()
-    cfg = MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
-    cfg._experts_implementation = "moe_kernels"
-    ex = MixtralExperts(cfg).double()
-    with torch.no_grad():
-        for p in ex.parameters():
-            p.normal_(0, 0.2)
+    ex = _mixtral_experts()
     x = torch.randn(6, 32, dtype=torch.float64)
     ids = torch.randint(0, 4, (6, 2))
     w = torch.rand(6, 2, dtype=torch.float64)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels.testing import assert_close, tolerance
+from moe_kernels.testing import assert_close, assert_compiles_and_replays, tolerance
 
 import naive
 
@@ -164,23 +164,4 @@ def test_moe_layer_triton_compile_and_cuda_graph():
     torch.randn(33, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     if DEV != "cuda":  # built on CPU too, so a broken test body shows in CI
         pytest.skip("torch.compile / CUDA graphs of triton ops need a GPU")
-    compiled = torch.compile(moe, fullgraph=True, dynamic=True)
-    for T in (33, 256):
-        x = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        y = compiled(x)
-        y.float().square().mean().backward()
-        assert_close("compiled", y, moe(x.detach()), rms_tol=2e-2)
-    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
-        for _ in range(2):
-            moe(x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        y_graph = moe(x)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    with torch.no_grad():
-        assert_close("graph replay", y_graph, moe(x), rms_tol=1e-6)
+    assert_compiles_and_replays(moe, (33, 256), torch.randn(64, 256, device="cuda", dtype=torch.bfloat16), rms_tol=2e-2)

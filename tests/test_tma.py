@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels.testing import assert_close, tolerance
+from moe_kernels.testing import assert_close, assert_compiles_and_replays, tolerance
 from moe_kernels.triton_kernels import _launch, configs, tma
 
 import naive
@@ -217,23 +217,5 @@ def test_tma_moe_under_compile_and_cuda_graph():
     with Launches() as seen:
         ref = moe(x)
     assert all(f[0] for f in seen.flags()), seen.flags()
-    compiled = torch.compile(moe, fullgraph=True, dynamic=True)
-    for T in (300, 1024):
-        xt = torch.randn(T, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-        y = compiled(xt)
-        y.float().square().mean().backward()
-        assert_close("compiled", y, moe(xt.detach()), rms_tol=2e-2)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
-        for _ in range(2):
-            moe(x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        y_graph = moe(x)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    with torch.no_grad():
-        assert_close("graph replay", y_graph, moe(x), rms_tol=1e-6)
+    assert_compiles_and_replays(moe, (300, 1024), x, rms_tol=2e-2)
     assert torch.isfinite(ref).all()
