@@ -73,7 +73,7 @@ setup(
     python_requires=">=3.10",
     packages=["moe_kernels", "moe_kernels.integrations", "moe_kernels.triton_kernels"],
     package_dir={"moe_kernels": "moe_kernels", "moe_kernels.triton_kernels": "triton_kernels"},
-    package_data={"moe_kernels.triton_kernels": ["configs/*.json"]},
+    package_data={"moe_kernels": ["_cpu_gemm.c"], "moe_kernels.triton_kernels": ["configs/*.json"]},
     install_requires=["torch>=2.11", "numpy>=1.24", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3", "transformers>=5.0"],

@@ -34,6 +34,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import _cpu_gemm
 from . import reference as ref
 from ._alloc import empty
 
@@ -57,7 +58,7 @@ class Plan:
     experts), ``bounds`` (E + 1 Python ints, ``bounds[0] = 0``), the non-empty ``segs [(e, lo, hi)]``, ``offs``
     (segment ends ``[E]`` int32, for ``grouped_mm``) and whether the GEMMs loop over ``segs``."""
 
-    __slots__ = ("order", "tok", "row_e", "bounds", "segs", "offs", "loop", "n", "E")
+    __slots__ = ("order", "tok", "row_e", "bounds", "segs", "offs", "loop", "n", "E", "big", "_cbounds")
 
     def __init__(self, topk_ids: torch.Tensor, E: int, capacity, expert_map):
         k = topk_ids.shape[1]
@@ -82,6 +83,18 @@ class Plan:
         b = self.bounds
         self.segs = [(e, b[e], b[e + 1]) for e in range(E) if b[e + 1] > b[e]]
         self.loop = len(self.segs) * LOOP_FRACTION < E
+        self.big = [s for s in self.segs if s[2] - s[1] > _cpu_gemm.MAX_ROWS]  # left to BLAS by the C kernels
+        self._cbounds = None
+
+    def cbounds(self):
+        """``bounds`` for the C kernels (built once per plan)."""
+        if self._cbounds is None:
+            self._cbounds = _cpu_gemm.bounds_array(self.bounds)
+        return self._cbounds
+
+    def small(self) -> bool:
+        """Some expert with rows has at most ``_cpu_gemm.MAX_ROWS`` of them: worth a call of the C kernels."""
+        return len(self.big) < len(self.segs)
 
 
 def _gemm(plan: Plan, x: torch.Tensor, w: torch.Tensor, trans_w: bool, bias: torch.Tensor | None) -> torch.Tensor:
@@ -90,11 +103,17 @@ def _gemm(plan: Plan, x: torch.Tensor, w: torch.Tensor, trans_w: bool, bias: tor
     wt = w.transpose(1, 2) if trans_w else w  # [E, K, N]
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if not plan.loop and ref._grouped_mm_ok(x, w):
+    segs = plan.segs
+    if plan.small():
+        y = empty(x.shape[0], wt.shape[2], dtype=x.dtype, device=x.device)
+        if _cpu_gemm.gemm(x, wt, bias, plan.cbounds(), y):
+            segs = plan.big
+    if segs is plan.segs and not plan.loop and ref._grouped_mm_ok(x, w):
         y = F.grouped_mm(x if x.is_contiguous() else x.contiguous(), wt, offs=plan.offs)
         return y if bias is None else y.add_(bias.index_select(0, plan.row_e))
-    y = empty(x.shape[0], wt.shape[2], dtype=x.dtype, device=x.device)
-    for e, lo, hi in plan.segs:
+    if segs is plan.segs:
+        y = empty(x.shape[0], wt.shape[2], dtype=x.dtype, device=x.device)
+    for e, lo, hi in segs:
         if bias is None:
             torch.mm(x[lo:hi], wt[e], out=y[lo:hi])
         else:
@@ -104,6 +123,12 @@ def _gemm(plan: Plan, x: torch.Tensor, w: torch.Tensor, trans_w: bool, bias: tor
 
 def _wgrad(plan: Plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per expert ``a_e^T @ b_e`` ``[E, A, B]``; zeros for experts without rows, each element written once."""
+    if plan.small():
+        out = empty(plan.E, a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
+        if _cpu_gemm.wgrad(a, b, plan.cbounds(), out):
+            for e, lo, hi in plan.big:
+                torch.mm(a[lo:hi].t(), b[lo:hi], out=out[e])
+            return out
     if not plan.loop and a.is_contiguous() and ref._grouped_mm_ok(a, b.new_empty(1, b.shape[1], a.shape[1])):
         return F.grouped_mm(a.t(), b if b.is_contiguous() else b.contiguous(), offs=plan.offs)
     out = empty(plan.E, a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)

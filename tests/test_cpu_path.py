@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_kernels as mk
-from moe_kernels import _cpu_moe, _torch_moe
+from moe_kernels import _cpu_gemm, _cpu_moe, _torch_moe
 from moe_kernels import reference as ref
 from moe_kernels.testing import assert_close, tolerance
 
@@ -25,13 +25,38 @@ def _inputs(T, H, I, E, k, dtype, gated=True, bias=False, seed=0):
 
 
 class _Ops(TorchDispatchMode):
+    """The aten ops of a call, and the C kernels' calls (``cpu_gemm_nt``, ``cpu_gemm_nn``, ``cpu_wgrad``)."""
+
     def __init__(self):
         super().__init__()
         self.ops = []
 
+    def __enter__(self):
+        fn = self._fn = _cpu_gemm._fn
+        _cpu_gemm._fn = lambda name, dtype: self.ops.append(f"cpu_{name}") or fn(name, dtype)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _cpu_gemm._fn = self._fn
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket.__name__))
         return func(*args, **(kwargs or {}))
+
+
+GEMMS = ("mm", "addmm", "_grouped_mm", "cpu_gemm_nt", "cpu_gemm_nn", "cpu_wgrad")
+
+
+@pytest.fixture(params=["c", "blas"])
+def gemm(request, monkeypatch):
+    """The CPU path's GEMMs: the C kernels (skipped where they cannot be built) or torch's (BLAS)."""
+    if request.param == "c":
+        if _cpu_gemm.lib() is None:
+            pytest.skip("the CPU grouped GEMM kernels cannot be built here")
+    else:
+        monkeypatch.setitem(_cpu_gemm._state, "lib", None)
+    return request.param
 
 
 _VIEWS = {"view", "reshape", "_reshape_alias", "slice", "select", "transpose", "t", "unsqueeze", "as_strided", "alias",
@@ -82,13 +107,17 @@ CASES = {
     "transposed": dict(T=9, E=5, k=2, transposed=True, bias=True),
     "int32_ids": dict(T=9, E=5, k=2, id_dtype=torch.int32, drop=True),
     "uint8_ids": dict(T=9, E=5, k=2, id_dtype=torch.uint8),
+    "mixed_sizes": dict(T=40, E=6, k=2, bias=True, max_rows=11),  # experts over MAX_ROWS (BLAS) beside small ones
+    "mixed_transposed": dict(T=40, E=6, k=2, transposed=True, max_rows=11),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("path", ["cpu", "op"])
-def test_matches_reference(name, path):
+@pytest.mark.parametrize("path,gemm", [("cpu", "c"), ("cpu", "blas"), ("op", "c")], indirect=["gemm"])
+def test_matches_reference(name, path, gemm, monkeypatch):
     c = CASES[name]
+    if "max_rows" in c:
+        monkeypatch.setattr(_cpu_gemm, "MAX_ROWS", c["max_rows"])
     T, E, k = c["T"], c["E"], c["k"]
     gated = c.get("gated", True)
     x, w13, w2, w, ids, b13, b2 = _inputs(T, 16, 8, E, k, torch.float64, gated, c.get("bias", False))
@@ -149,11 +178,12 @@ def test_fast_activations_match_the_reference(kind, interleaved):
                           equal_nan=True)
 
 
-@pytest.mark.parametrize("loop", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_mm_and_loop_agree(monkeypatch, loop, dtype):
-    """Both GEMM strategies (a loop over the experts with rows, one grouped_mm) on fp32 and bf16, with the
-    reference's tolerance; NaN in one token stays in that token."""
+@pytest.mark.parametrize("gemm,loop,dtype", [("c", False, torch.float32)] + [
+    ("blas", loop, dtype) for loop in (True, False) for dtype in (torch.float32, torch.bfloat16)], indirect=["gemm"])
+def test_grouped_mm_and_loop_agree(monkeypatch, gemm, loop, dtype):
+    """Every GEMM strategy (the C kernels; BLAS: a loop over the experts with rows, one grouped_mm) on fp32 and
+    bf16 (BLAS: the C kernels take fp32 and fp64), with the reference's tolerance; NaN in one token stays in
+    that token."""
     monkeypatch.setattr(_cpu_moe, "LOOP_FRACTION", 10**6 if loop else 0)
     x, w13, w2, w, ids, b13, b2 = _inputs(24, 32, 16, 6, 2, dtype, bias=True)
     ids[3, 1] = -1
@@ -177,7 +207,7 @@ def test_grouped_mm_and_loop_agree(monkeypatch, loop, dtype):
     assert_close("grad weights", grads[3][keep], exp[3][keep], rms_tol=tol)
 
 
-def test_only_router_gradient():
+def test_only_router_gradient(gemm):
     """Frozen experts: only the routing weights get a gradient, and the weight GEMMs do not run."""
     x, w13, w2, w, ids, _, _ = _inputs(10, 16, 8, 4, 2, torch.float64)
     wl = w.clone().requires_grad_()
@@ -188,7 +218,9 @@ def test_only_router_gradient():
     exp = ref.fused_moe_backward(g, x, w13, w2, w, ids)[3]
     assert_close("grad weights", gw, exp, rms_tol=1e-12)
     active = int(ids.unique().numel())
-    assert rec.ops.count("mm") == 2 * active and "_grouped_mm" not in rec.ops, rec.ops  # the forward's GEMMs only
+    gemms = [o for o in rec.ops if o in GEMMS]
+    want = ["cpu_gemm_nt"] * 2 if gemm == "c" else ["mm"] * (2 * active)
+    assert gemms == want, rec.ops  # the forward's GEMMs only
 
 
 def test_deterministic():
@@ -242,7 +274,7 @@ def _hf_grouped_mm_ops(x, w13, w2, w, ids):
 
 
 @pytest.mark.parametrize("T,E,k", [(1, 8, 2), (64, 8, 2), (16, 64, 8)])
-def test_forward_runs_no_more_ops_than_transformers_grouped_mm(T, E, k):
+def test_forward_runs_no_more_ops_than_transformers_grouped_mm(T, E, k, gemm):
     """Counted, not timed: the forward runs a fixed handful of ops around its GEMMs (one per expert with rows,
     or one grouped_mm), no more than transformers' grouped_mm experts run on the same call."""
     x, w13, w2, w, ids, _, _ = _inputs(T, 64, 32, E, k, torch.float32)
@@ -252,14 +284,14 @@ def test_forward_runs_no_more_ops_than_transformers_grouped_mm(T, E, k):
         with _Ops() as rec:
             mk.fused_moe(x, w13, w2, w, ids)
     ops = _computing(rec.ops)
-    gemms = sum(o in ("mm", "addmm", "_grouped_mm") for o in ops)
+    gemms = sum(o in GEMMS for o in ops)
     active = int(ids.unique().numel())
-    assert gemms in (2, 2 * active), ops
+    assert gemms == 2 if gemm == "c" else gemms in (2, 2 * active), ops
     assert len(ops) - gemms <= 10, ops  # sort, searchsorted, //, 2 index_select, silu, mul, mul, zeros, index_add_
     hf = _hf_grouped_mm_ops(x, w13, w2, w, ids)
     if hf is not None:
         hf_ops = _computing(hf)
-        hf_gemms = sum(o in ("mm", "addmm", "_grouped_mm") for o in hf_ops)
+        hf_gemms = sum(o in GEMMS for o in hf_ops)
         assert len(ops) - gemms <= len(hf_ops) - hf_gemms, (ops, hf_ops)
 
 

@@ -1,0 +1,166 @@
+/* Grouped GEMMs of an MoE layer on CPU with few rows per expert, on raw pointers (no torch headers).
+ *
+ * Rows are sorted by expert: rows bounds[e] .. bounds[e + 1] - 1 belong to expert e. With a few rows per
+ * expert a product is a stream over the expert's weights (each weight is used by a handful of rows), and the
+ * kernels here stream them once per block of 4 rows with the rows held in L1; a BLAS call per expert
+ * packs the weights first and reaches a fraction of the memory bandwidth at these shapes. Experts with more
+ * than `maxm` rows are skipped (not written): the caller gives them to BLAS.
+ *
+ *   gemm_nt   y[r, n] = sum_k x[r, k] w[e, n, k] (+ bias[e, n])   weights with unit stride along k
+ *   gemm_nn   y[r, n] = sum_k x[r, k] w[e, k, n] (+ bias[e, n])   weights with unit stride along n
+ *   wgrad     out[e, i, j] = sum_{r of e} a[r, i] b[r, j]         out [E, I, J] contiguous; zeros for experts
+ *                                                                  without rows
+ *
+ * Every output element is one fixed sequence of operations whatever the thread count, the schedule, its
+ * position in a block or the number of rows (deterministic and batch-invariant): nt sums 8 (fp32) or 4
+ * (fp64) lanes over k, then the lanes in a fixed tree, then the k tail; nn and wgrad sum over k in order.
+ * Work is split over (expert, block of outputs) tasks with OpenMP: the library is linked against the
+ * OpenMP runtime already loaded by torch, so its threads are torch's intra-op threads. Offsets are 64-bit.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define NT_ROWS 32 /* weight rows of one nt task */
+#define NN_COLS 32 /* output columns of one nn / wgrad tile: 4 vectors of fp32 (8 of fp64) */
+#define WG_ROWS 16 /* output rows of one wgrad task */
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+typedef float hv_f32 __attribute__((vector_size(32)));
+typedef double hv_f64 __attribute__((vector_size(32)));
+static inline float HSUM_f32(hv_f32 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+
+#define DEFINE_KERNELS(T, SUF, LANES)                                                                          \
+    typedef T v_##SUF __attribute__((vector_size(32)));                                                        \
+    static inline v_##SUF ld_##SUF(const T* p) { v_##SUF v; memcpy(&v, p, 32); return v; }                    \
+    static inline void st_##SUF(T* p, v_##SUF v) { memcpy(p, &v, 32); }                                       \
+    static inline v_##SUF splat_##SUF(T s) {                                                                   \
+        v_##SUF v;                                                                                             \
+        for (int l = 0; l < LANES; ++l) v[l] = s;                                                              \
+        return v;                                                                                              \
+    }                                                                                                          \
+                                                                                                               \
+    /* y[m, n0 + j] for m < M, j < nb (<= 4): 4 rows of x at a time against 4 weight rows */                  \
+    static void nt_tile_##SUF(const T* x, int64_t ldx, const T* const wr[4], int nb, const T* bias, T* y,      \
+                              int64_t ldy, int64_t M, int64_t K, int64_t pf) {                                 \
+        const int64_t KV = K - K % LANES;                                                                      \
+        for (int64_t m = 0; m < M; m += 4) {                                                                   \
+            const int mb = (int)MIN(M - m, 4);                                                                 \
+            const T* xr[4];                                                                                    \
+            for (int i = 0; i < 4; ++i) xr[i] = x + (m + (i < mb ? i : 0)) * ldx;                              \
+            v_##SUF a[4][4];                                                                                   \
+            memset(a, 0, sizeof(a));                                                                           \
+            for (int64_t k = 0; k < KV; k += LANES) {                                                          \
+                if (m == 0)                                                                                    \
+                    for (int j = 0; j < 4; ++j) __builtin_prefetch(wr[j] + k + pf);                            \
+                const v_##SUF w0 = ld_##SUF(wr[0] + k), w1 = ld_##SUF(wr[1] + k);                              \
+                const v_##SUF w2 = ld_##SUF(wr[2] + k), w3 = ld_##SUF(wr[3] + k);                              \
+                for (int i = 0; i < 4; ++i) {                                                                  \
+                    const v_##SUF xv = ld_##SUF(xr[i] + k);                                                    \
+                    a[i][0] += xv * w0; a[i][1] += xv * w1; a[i][2] += xv * w2; a[i][3] += xv * w3;            \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int i = 0; i < mb; ++i)                                                                       \
+                for (int j = 0; j < nb; ++j) {                                                                 \
+                    T s = HSUM_##SUF(a[i][j]);                                                                 \
+                    for (int64_t k = KV; k < K; ++k) s += xr[i][k] * wr[j][k];                                 \
+                    y[(m + i) * ldy + j] = bias ? s + bias[j] : s;                                             \
+                }                                                                                              \
+        }                                                                                                      \
+    }                                                                                                          \
+                                                                                                               \
+    /* y[m, j] = sum_k x[m * sxm + k * sxk] w[k * swk + j] (+ bias[j]) for m < M, j < nv * LANES + rem */      \
+    static inline void nn_rows_##SUF(const T* x, int64_t sxm, int64_t sxk, const T* w, int64_t swk,           \
+                                     const T* bias, T* y, int64_t ldy, int64_t M, int nv, int rem, int64_t K) { \
+        for (int64_t m = 0; m < M; m += 4) {                                                                   \
+            const int mb = (int)MIN(M - m, 4);                                                                 \
+            const T* xr[4];                                                                                    \
+            for (int i = 0; i < 4; ++i) xr[i] = x + (m + (i < mb ? i : 0)) * sxm;                              \
+            v_##SUF a[4][NN_COLS / LANES];                                                                     \
+            memset(a, 0, sizeof(a));                                                                           \
+            for (int64_t k = 0; k < K; ++k) {                                                                  \
+                const T* wk = w + k * swk;                                                                     \
+                __builtin_prefetch(wk + 4 * swk);                                                              \
+                for (int i = 0; i < 4; ++i) {                                                                  \
+                    const v_##SUF xs = splat_##SUF(xr[i][k * sxk]);                                            \
+                    for (int v = 0; v < nv; ++v) a[i][v] += xs * ld_##SUF(wk + v * LANES);                     \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int i = 0; i < mb; ++i)                                                                       \
+                for (int v = 0; v < nv; ++v) {                                                                 \
+                    v_##SUF o = a[i][v];                                                                       \
+                    if (bias) o += ld_##SUF(bias + v * LANES);                                                 \
+                    st_##SUF(y + (m + i) * ldy + v * LANES, o);                                                \
+                }                                                                                              \
+        }                                                                                                      \
+        for (int64_t m = 0; m < M; ++m) /* the last rem (< LANES) columns: the same sums, one at a time */     \
+            for (int j = nv * LANES; j < nv * LANES + rem; ++j) {                                              \
+                T s = 0;                                                                                       \
+                for (int64_t k = 0; k < K; ++k) s += x[m * sxm + k * sxk] * w[k * swk + j];                    \
+                y[m * ldy + j] = bias ? s + bias[j] : s;                                                       \
+            }                                                                                                  \
+    }                                                                                                          \
+                                                                                                               \
+    static void nn_tile_##SUF(const T* x, int64_t sxm, int64_t sxk, const T* w, int64_t swk, const T* bias,   \
+                              T* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {                            \
+        if (N == NN_COLS) /* the full tile, its vector count a constant */                                     \
+            nn_rows_##SUF(x, sxm, sxk, w, swk, bias, y, ldy, M, NN_COLS / LANES, 0, K);                        \
+        else                                                                                                   \
+            nn_rows_##SUF(x, sxm, sxk, w, swk, bias, y, ldy, M, (int)(N / LANES), (int)(N % LANES), K);        \
+    }                                                                                                          \
+                                                                                                               \
+    void moe_gemm_nt_##SUF(const T* x, int64_t ldx, const T* w, int64_t swe, int64_t swn, const T* bias,      \
+                           int64_t sbe, T* y, int64_t ldy, const int64_t* bounds, int64_t E, int64_t N,       \
+                           int64_t K, int64_t maxm) {                                                          \
+        const int64_t nb = (N + NT_ROWS - 1) / NT_ROWS;                                                        \
+        _Pragma("omp parallel for schedule(dynamic, 1)")                                                       \
+        for (int64_t t = 0; t < E * nb; ++t) {                                                                 \
+            const int64_t e = t / nb, n0 = (t % nb) * NT_ROWS, n1 = MIN(n0 + NT_ROWS, N);                      \
+            const int64_t lo = bounds[e], hi = bounds[e + 1];                                                  \
+            if (hi <= lo || hi - lo > maxm) continue;                                                          \
+            for (int64_t n = n0; n < n1; n += 4) {                                                             \
+                const int cnt = (int)MIN(n1 - n, 4);                                                           \
+                const T* wr[4];                                                                                \
+                for (int j = 0; j < 4; ++j) wr[j] = w + e * swe + (n + (j < cnt ? j : 0)) * swn;               \
+                nt_tile_##SUF(x + lo * ldx, ldx, wr, cnt, bias ? bias + e * sbe + n : 0, y + lo * ldy + n,     \
+                              ldy, hi - lo, K, 4 * swn);                                                       \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+                                                                                                               \
+    void moe_gemm_nn_##SUF(const T* x, int64_t ldx, const T* w, int64_t swe, int64_t swk, const T* bias,      \
+                           int64_t sbe, T* y, int64_t ldy, const int64_t* bounds, int64_t E, int64_t N,       \
+                           int64_t K, int64_t maxm) {                                                          \
+        const int64_t nb = (N + NN_COLS - 1) / NN_COLS;                                                        \
+        _Pragma("omp parallel for schedule(dynamic, 1)")                                                       \
+        for (int64_t t = 0; t < E * nb; ++t) {                                                                 \
+            const int64_t e = t / nb, n0 = (t % nb) * NN_COLS;                                                 \
+            const int64_t lo = bounds[e], hi = bounds[e + 1];                                                  \
+            if (hi <= lo || hi - lo > maxm) continue;                                                          \
+            nn_tile_##SUF(x + lo * ldx, ldx, 1, w + e * swe + n0, swk, bias ? bias + e * sbe + n0 : 0,         \
+                          y + lo * ldy + n0, ldy, hi - lo, MIN(NN_COLS, N - n0), K);                           \
+        }                                                                                                      \
+    }                                                                                                          \
+                                                                                                               \
+    void moe_wgrad_##SUF(const T* a, int64_t lda, const T* b, int64_t ldb, T* out, const int64_t* bounds,     \
+                         int64_t E, int64_t I, int64_t J, int64_t maxm) {                                      \
+        const int64_t ib = (I + WG_ROWS - 1) / WG_ROWS;                                                        \
+        _Pragma("omp parallel for schedule(dynamic, 1)")                                                       \
+        for (int64_t t = 0; t < E * ib; ++t) {                                                                 \
+            const int64_t e = t / ib, i0 = (t % ib) * WG_ROWS, i1 = MIN(i0 + WG_ROWS, I);                      \
+            const int64_t lo = bounds[e], hi = bounds[e + 1];                                                  \
+            T* o = out + (e * I + i0) * J;                                                                     \
+            if (hi - lo > maxm) continue;                                                                      \
+            if (hi <= lo) {                                                                                    \
+                memset(o, 0, (size_t)((i1 - i0) * J) * sizeof(T));                                            \
+                continue;                                                                                      \
+            }                                                                                                  \
+            for (int64_t j0 = 0; j0 < J; j0 += NN_COLS)                                                        \
+                nn_tile_##SUF(a + lo * lda + i0, 1, lda, b + lo * ldb + j0, ldb, 0, o + j0, J, i1 - i0,        \
+                              MIN(NN_COLS, J - j0), hi - lo);                                                  \
+        }                                                                                                      \
+    }
+
+DEFINE_KERNELS(float, f32, 8)
+DEFINE_KERNELS(double, f64, 4)

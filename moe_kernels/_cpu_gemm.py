@@ -1,0 +1,155 @@
+"""Launcher of the CPU grouped GEMMs in ``_cpu_gemm.c`` (few rows per expert): built on first use, called by ctypes.
+
+BLAS products of a few rows against an expert's ``[N, K]`` weights pack the weights first and run far below the
+memory bandwidth (MKL fp32 on a 2-core AVX2 VM: 3-5 GB/s at 1-16 rows against 12-24 GB/s for a plain read);
+these kernels stream each expert's weights once per block of 4 rows, all experts in one OpenMP loop.
+``bench/cpu_gemm.py`` measures both at model shapes.
+
+The C file is compiled like Triton's launcher: with the system C compiler (``$CC``, else ``cc``) at first use,
+``-O3 -march=native``, into ``$MOE_KERNELS_CACHE_DIR`` (default ``~/.cache/moe_kernels``) under a name keyed by the
+source, the compiler, the flags, the CPU's flags and the OpenMP runtime. It links the OpenMP runtime torch has
+loaded (read from ``/proc/self/maps``), so its threads are torch's intra-op threads (``torch.set_num_threads``).
+No compiler, a failed build, a platform without ``/proc`` or ``MOE_KERNELS_CPU_GEMM=0``: :func:`lib` is None
+(one warning says why, unless disabled) and the CPU path keeps torch's GEMMs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_cpu_gemm.c")
+MAX_ROWS = 32  # experts with more rows go to BLAS (at 64 rows MKL is as fast: bench/cpu_gemm.py)
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+_OMP_NAMES = ("libgomp", "libiomp5", "libomp")
+_state: dict = {}
+
+_I64, _P = ctypes.c_int64, ctypes.c_void_p
+_ARGS = {  # pointer arguments are ints (data_ptr) or None
+    "gemm_nt": [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64],
+    "gemm_nn": [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64],
+    "wgrad": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64],
+}
+
+
+def _omp_runtime() -> str | None:
+    """The path of the OpenMP runtime loaded in this process (torch's), or None."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            for line in f:
+                path = line.rsplit(None, 1)[-1] if line.count("/") else ""
+                if path.startswith("/") and Path(path).name.startswith(_OMP_NAMES) and ".so" in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOE_KERNELS_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "moe_kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _build() -> Path:
+    """Compile the kernels (or find them in the cache); the shared library's path. Raises on failure."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler (set CC or install cc)")
+    omp = _omp_runtime()
+    flags = ["-O3", "-march=native", "-fPIC", "-fno-math-errno", "-std=gnu11"] + (["-fopenmp"] if omp else [])
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags).encode(), (omp or "").encode(),
+                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_gemm-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        obj, lib = Path(tmp) / "cpu_gemm.o", Path(tmp) / "cpu_gemm.so"
+        for cmd in ([cc, *flags, "-c", str(SOURCE), "-o", str(obj)],
+                    [cc, "-shared", str(obj), *([omp] if omp else []), "-o", str(lib)]):
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if run.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {run.stderr.strip()[-400:]}")
+        os.replace(lib, out)  # atomic: a concurrent build of the same key writes the same file
+    return out
+
+
+def lib():
+    """The loaded kernels (a ``ctypes.CDLL`` with argument types set), or None when they cannot be used."""
+    if "lib" in _state:
+        return _state["lib"]
+    _state["lib"] = None
+    if os.environ.get("MOE_KERNELS_CPU_GEMM", "1") == "0":
+        return None
+    try:
+        handle = ctypes.CDLL(str(_build()))
+        for name, args in _ARGS.items():
+            for suf in DTYPES.values():
+                fn = getattr(handle, f"moe_{name}_{suf}")
+                fn.argtypes, fn.restype = args, None
+        _state["lib"] = handle
+    except Exception as exc:  # any failure leaves torch's GEMMs in place
+        warnings.warn(f"moe_kernels: the CPU grouped GEMM kernels are not available ({exc}); the CPU path uses "
+                      "torch's GEMMs", RuntimeWarning, stacklevel=3)
+    return _state["lib"]
+
+
+def bounds_array(bounds: list[int]):
+    """Row bounds of the experts as the C kernels read them (int64)."""
+    return (ctypes.c_int64 * len(bounds))(*bounds)
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(_state["lib"], f"moe_{name}_{DTYPES[dtype]}")
+
+
+def gemm(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, bounds, y: torch.Tensor) -> bool:
+    """``y[r] = x[r] @ wt[e] (+ bias[e])`` for the rows of every expert with at most :data:`MAX_ROWS` rows
+    (``wt [E, K, N]``, a unit stride along K or N; ``x [n, K]``, ``y [n, N]`` with unit column stride). False,
+    nothing written, when the kernels cannot take these tensors."""
+    if (lib() is None or x.dtype not in DTYPES or wt.dtype != x.dtype or y.dtype != x.dtype or x.stride(1) != 1
+            or y.stride(1) != 1 or (bias is not None and (bias.dtype != x.dtype or bias.stride(1) != 1))):
+        return False
+    E, K, N = wt.shape
+    se, sk, sn = wt.stride()
+    if sk == 1:
+        name, sw = "gemm_nt", sn
+    elif sn == 1:
+        name, sw = "gemm_nn", sk
+    else:
+        return False
+    _fn(name, x.dtype)(x.data_ptr(), x.stride(0), wt.data_ptr(), se, sw, None if bias is None else bias.data_ptr(),
+                       0 if bias is None else bias.stride(0), y.data_ptr(), y.stride(0), bounds, E, N, K, MAX_ROWS)
+    return True
+
+
+def wgrad(a: torch.Tensor, b: torch.Tensor, bounds, out: torch.Tensor) -> bool:
+    """``out[e] = a_e^T @ b_e`` over the rows of expert e, zeros for experts without rows, for every expert with at
+    most :data:`MAX_ROWS` rows (``a [n, I]``, ``b [n, J]`` with unit column strides, ``out [E, I, J]``
+    contiguous). False, nothing written, when the kernels cannot take these tensors."""
+    if (lib() is None or a.dtype not in DTYPES or b.dtype != a.dtype or out.dtype != a.dtype or a.stride(1) != 1
+            or b.stride(1) != 1 or not out.is_contiguous()):
+        return False
+    E, I, J = out.shape
+    _fn("wgrad", a.dtype)(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), out.data_ptr(), bounds, E, I, J,
+                          MAX_ROWS)
+    return True
