@@ -35,11 +35,7 @@ static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); 
     typedef T v_##SUF __attribute__((vector_size(32)));                                                        \
     static inline v_##SUF ld_##SUF(const T* p) { v_##SUF v; memcpy(&v, p, 32); return v; }                    \
     static inline void st_##SUF(T* p, v_##SUF v) { memcpy(p, &v, 32); }                                       \
-    static inline v_##SUF splat_##SUF(T s) {                                                                   \
-        v_##SUF v;                                                                                             \
-        for (int l = 0; l < LANES; ++l) v[l] = s;                                                              \
-        return v;                                                                                              \
-    }                                                                                                          \
+    static inline v_##SUF splat_##SUF(T s) { return s - (v_##SUF){0}; } /* s - 0 == s, -0 and NaN included */ \
                                                                                                                \
     /* y[m, n0 + j] for m < M, j < nb (<= 4): 4 rows of x at a time against 4 weight rows */                  \
     static void nt_tile_##SUF(const T* x, int64_t ldx, const T* const wr[4], int nb, const T* bias, T* y,      \
@@ -71,7 +67,7 @@ static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); 
     }                                                                                                          \
                                                                                                                \
     /* y[m, j] = sum_k x[m * sxm + k * sxk] w[k * swk + j] (+ bias[j]) for m < M, j < nv * LANES + rem */      \
-    static inline void nn_rows_##SUF(const T* x, int64_t sxm, int64_t sxk, const T* w, int64_t swk,           \
+    static inline __attribute__((always_inline)) void nn_rows_##SUF(const T* x, int64_t sxm, int64_t sxk, const T* w, int64_t swk,           \
                                      const T* bias, T* y, int64_t ldy, int64_t M, int nv, int rem, int64_t K) { \
         for (int64_t m = 0; m < M; m += 4) {                                                                   \
             const int mb = (int)MIN(M - m, 4);                                                                 \

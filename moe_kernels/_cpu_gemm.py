@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("_cpu_gemm.c")
-MAX_ROWS = 32  # experts with more rows go to BLAS (at 64 rows MKL is as fast: bench/cpu_gemm.py)
+# experts with more rows go to BLAS: past these the kernels' plain register tiles lose to MKL's (bench/cpu_gemm.py)
+MAX_ROWS = {"gemm_nt": 32, "gemm_nn": 16, "wgrad": 16}
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _OMP_NAMES = ("libgomp", "libiomp5", "libomp")
 _state: dict = {}
@@ -119,37 +120,47 @@ def bounds_array(bounds: list[int]):
 
 
 def _fn(name: str, dtype: torch.dtype):
-    return getattr(_state["lib"], f"moe_{name}_{DTYPES[dtype]}")
+    return getattr(lib(), f"moe_{name}_{DTYPES[dtype]}")
 
 
-def gemm(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, bounds, y: torch.Tensor) -> bool:
-    """``y[r] = x[r] @ wt[e] (+ bias[e])`` for the rows of every expert with at most :data:`MAX_ROWS` rows
-    (``wt [E, K, N]``, a unit stride along K or N; ``x [n, K]``, ``y [n, N]`` with unit column stride). False,
-    nothing written, when the kernels cannot take these tensors."""
-    if (lib() is None or x.dtype not in DTYPES or wt.dtype != x.dtype or y.dtype != x.dtype or x.stride(1) != 1
-            or y.stride(1) != 1 or (bias is not None and (bias.dtype != x.dtype or bias.stride(1) != 1))):
-        return False
+def _kind(wt: torch.Tensor) -> str | None:
+    return "gemm_nt" if wt.stride(1) == 1 else "gemm_nn" if wt.stride(2) == 1 else None
+
+
+def gemm_rows(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """The most rows per expert :func:`gemm` computes for these tensors (0: it cannot take them): fp32 or fp64
+    throughout, ``wt [E, K, N]`` with a unit stride along K or N, unit column strides elsewhere (the output:
+    ``x``'s dtype, unit column stride)."""
+    if (lib() is None or x.dtype not in DTYPES or wt.dtype != x.dtype or x.stride(1) != 1
+            or (bias is not None and (bias.dtype != x.dtype or bias.stride(1) != 1))):
+        return 0
+    kind = _kind(wt)
+    return 0 if kind is None else MAX_ROWS[kind]
+
+
+def gemm(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, bounds, y: torch.Tensor, max_rows: int) -> None:
+    """``y[r] = x[r] @ wt[e] (+ bias[e])`` for the rows of every expert with at most ``max_rows`` rows (at most
+    :func:`gemm_rows`; the rows of other experts are not written). ``x [n, K]``, ``wt [E, K, N]``, ``y [n, N]``."""
     E, K, N = wt.shape
     se, sk, sn = wt.stride()
-    if sk == 1:
-        name, sw = "gemm_nt", sn
-    elif sn == 1:
-        name, sw = "gemm_nn", sk
-    else:
-        return False
-    _fn(name, x.dtype)(x.data_ptr(), x.stride(0), wt.data_ptr(), se, sw, None if bias is None else bias.data_ptr(),
-                       0 if bias is None else bias.stride(0), y.data_ptr(), y.stride(0), bounds, E, N, K, MAX_ROWS)
-    return True
+    kind = _kind(wt)
+    _fn(kind, x.dtype)(x.data_ptr(), x.stride(0), wt.data_ptr(), se, sn if kind == "gemm_nt" else sk,
+                       None if bias is None else bias.data_ptr(), 0 if bias is None else bias.stride(0), y.data_ptr(),
+                       y.stride(0), bounds, E, N, K, max_rows)
 
 
-def wgrad(a: torch.Tensor, b: torch.Tensor, bounds, out: torch.Tensor) -> bool:
+def wgrad_rows(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The most rows per expert :func:`wgrad` takes for these tensors (0: it cannot take them; the output:
+    contiguous, ``a``'s dtype)."""
+    if lib() is None or a.dtype not in DTYPES or b.dtype != a.dtype or a.stride(1) != 1 or b.stride(1) != 1:
+        return 0
+    return MAX_ROWS["wgrad"]
+
+
+def wgrad(a: torch.Tensor, b: torch.Tensor, bounds, out: torch.Tensor, max_rows: int) -> None:
     """``out[e] = a_e^T @ b_e`` over the rows of expert e, zeros for experts without rows, for every expert with at
-    most :data:`MAX_ROWS` rows (``a [n, I]``, ``b [n, J]`` with unit column strides, ``out [E, I, J]``
-    contiguous). False, nothing written, when the kernels cannot take these tensors."""
-    if (lib() is None or a.dtype not in DTYPES or b.dtype != a.dtype or out.dtype != a.dtype or a.stride(1) != 1
-            or b.stride(1) != 1 or not out.is_contiguous()):
-        return False
+    most ``max_rows`` rows (at most :func:`wgrad_rows`; other experts are not written). ``a [n, I]``,
+    ``b [n, J]``, ``out [E, I, J]``."""
     E, I, J = out.shape
     _fn("wgrad", a.dtype)(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), out.data_ptr(), bounds, E, I, J,
-                          MAX_ROWS)
-    return True
+                          max_rows)

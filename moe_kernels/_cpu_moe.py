@@ -58,7 +58,7 @@ class Plan:
     experts), ``bounds`` (E + 1 Python ints, ``bounds[0] = 0``), the non-empty ``segs [(e, lo, hi)]``, ``offs``
     (segment ends ``[E]`` int32, for ``grouped_mm``) and whether the GEMMs loop over ``segs``."""
 
-    __slots__ = ("order", "tok", "row_e", "bounds", "segs", "offs", "loop", "n", "E", "big", "_cbounds")
+    __slots__ = ("order", "tok", "row_e", "bounds", "segs", "offs", "loop", "n", "E", "_over", "_cbounds")
 
     def __init__(self, topk_ids: torch.Tensor, E: int, capacity, expert_map):
         k = topk_ids.shape[1]
@@ -83,8 +83,7 @@ class Plan:
         b = self.bounds
         self.segs = [(e, b[e], b[e + 1]) for e in range(E) if b[e + 1] > b[e]]
         self.loop = len(self.segs) * LOOP_FRACTION < E
-        self.big = [s for s in self.segs if s[2] - s[1] > _cpu_gemm.MAX_ROWS]  # left to BLAS by the C kernels
-        self._cbounds = None
+        self._over, self._cbounds = {}, None
 
     def cbounds(self):
         """``bounds`` for the C kernels (built once per plan)."""
@@ -92,9 +91,11 @@ class Plan:
             self._cbounds = _cpu_gemm.bounds_array(self.bounds)
         return self._cbounds
 
-    def small(self) -> bool:
-        """Some expert with rows has at most ``_cpu_gemm.MAX_ROWS`` of them: worth a call of the C kernels."""
-        return len(self.big) < len(self.segs)
+    def over(self, rows: int) -> list:
+        """The segments with more than ``rows`` rows (those the C kernels leave to BLAS)."""
+        if rows not in self._over:
+            self._over[rows] = [s for s in self.segs if s[2] - s[1] > rows]
+        return self._over[rows]
 
 
 def _gemm(plan: Plan, x: torch.Tensor, w: torch.Tensor, trans_w: bool, bias: torch.Tensor | None) -> torch.Tensor:
@@ -103,15 +104,16 @@ def _gemm(plan: Plan, x: torch.Tensor, w: torch.Tensor, trans_w: bool, bias: tor
     wt = w.transpose(1, 2) if trans_w else w  # [E, K, N]
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    segs = plan.segs
-    if plan.small():
+    segs, y = plan.segs, None
+    rows = _cpu_gemm.gemm_rows(x, wt, bias)
+    if rows and len(plan.over(rows)) < len(segs):  # the C kernels for experts with few rows, BLAS for the others
         y = empty(x.shape[0], wt.shape[2], dtype=x.dtype, device=x.device)
-        if _cpu_gemm.gemm(x, wt, bias, plan.cbounds(), y):
-            segs = plan.big
-    if segs is plan.segs and not plan.loop and ref._grouped_mm_ok(x, w):
+        _cpu_gemm.gemm(x, wt, bias, plan.cbounds(), y, rows)
+        segs = plan.over(rows)
+    elif not plan.loop and ref._grouped_mm_ok(x, w):
         y = F.grouped_mm(x if x.is_contiguous() else x.contiguous(), wt, offs=plan.offs)
         return y if bias is None else y.add_(bias.index_select(0, plan.row_e))
-    if segs is plan.segs:
+    else:
         y = empty(x.shape[0], wt.shape[2], dtype=x.dtype, device=x.device)
     for e, lo, hi in segs:
         if bias is None:
@@ -123,12 +125,13 @@ def _gemm(plan: Plan, x: torch.Tensor, w: torch.Tensor, trans_w: bool, bias: tor
 
 def _wgrad(plan: Plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per expert ``a_e^T @ b_e`` ``[E, A, B]``; zeros for experts without rows, each element written once."""
-    if plan.small():
+    rows = _cpu_gemm.wgrad_rows(a, b)
+    if rows and len(plan.over(rows)) < len(plan.segs):  # zeros, and experts with few rows, in one call
         out = empty(plan.E, a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
-        if _cpu_gemm.wgrad(a, b, plan.cbounds(), out):
-            for e, lo, hi in plan.big:
-                torch.mm(a[lo:hi].t(), b[lo:hi], out=out[e])
-            return out
+        _cpu_gemm.wgrad(a, b, plan.cbounds(), out, rows)
+        for e, lo, hi in plan.over(rows):
+            torch.mm(a[lo:hi].t(), b[lo:hi], out=out[e])
+        return out
     if not plan.loop and a.is_contiguous() and ref._grouped_mm_ok(a, b.new_empty(1, b.shape[1], a.shape[1])):
         return F.grouped_mm(a.t(), b if b.is_contiguous() else b.contiguous(), offs=plan.offs)
     out = empty(plan.E, a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)

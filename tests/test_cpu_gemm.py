@@ -28,9 +28,9 @@ def _bounds(counts):
     return b
 
 
-def _counts(E):
-    """Rows per expert: none, one, a few, more than MAX_ROWS (left to BLAS), and so on."""
-    return ([0, 1, 3, 4, 5, _cpu_gemm.MAX_ROWS + 1, 9, _cpu_gemm.MAX_ROWS] * E)[:E]
+def _counts(E, most):
+    """Rows per expert: none, one, a few, more than ``most`` (left to BLAS), ``most``, and so on."""
+    return ([0, 1, 3, 4, 5, most + 1, 9, most] * E)[:E]
 
 
 def _weights(E, K, N, layout, dtype, g):
@@ -40,9 +40,11 @@ def _weights(E, K, N, layout, dtype, g):
     return torch.randn(E, K, N, generator=g, dtype=torch.float64).to(dtype)
 
 
-def _gemm(x, wt, bias, b, N):
+def _gemm(x, wt, bias, b, N, most=None):
     y = torch.full((x.shape[0], N), float("nan"), dtype=x.dtype)
-    assert _cpu_gemm.gemm(x, wt, bias, _cpu_gemm.bounds_array(b), y)
+    rows = _cpu_gemm.gemm_rows(x, wt, bias)
+    assert rows == _cpu_gemm.MAX_ROWS["gemm_nt" if wt.stride(1) == 1 else "gemm_nn"]
+    _cpu_gemm.gemm(x, wt, bias, _cpu_gemm.bounds_array(b), y, rows if most is None else most)
     return y
 
 
@@ -52,14 +54,15 @@ def _gemm(x, wt, bias, b, N):
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemm_matches_float64(dtype, layout, E, K, N, bias):
     g = torch.Generator().manual_seed(E * K + N)
-    b = _bounds(_counts(E))
+    most = _cpu_gemm.MAX_ROWS["gemm_" + layout]
+    b = _bounds(_counts(E, most))
     x = torch.randn(b[-1], K, generator=g, dtype=torch.float64).to(dtype)
     wt = _weights(E, K, N, layout, dtype, g)
     bi = torch.randn(E, N, generator=g, dtype=torch.float64).to(dtype) if bias else None
     y = _gemm(x, wt, bi, b, N)
     for e in range(E):
         lo, hi = b[e], b[e + 1]
-        if hi - lo > _cpu_gemm.MAX_ROWS:
+        if hi - lo > most:
             assert y[lo:hi].isnan().all(), f"expert {e}: over MAX_ROWS, left to BLAS, yet written"
         elif hi > lo:
             want = x[lo:hi].double() @ wt[e].double() + (bi[e].double() if bias else 0)
@@ -70,14 +73,16 @@ def test_gemm_matches_float64(dtype, layout, E, K, N, bias):
 @pytest.mark.parametrize("E,I,J", [(5, 61, 37), (4, 32, 8), (2, 1, 1), (7, 33, 129), (3, 2048, 40)])
 def test_wgrad_matches_float64(dtype, E, I, J):
     g = torch.Generator().manual_seed(E * I + J)
-    b = _bounds(_counts(E))
+    most = _cpu_gemm.wgrad_rows(torch.empty(1, 1, dtype=dtype), torch.empty(1, 1, dtype=dtype))
+    assert most == _cpu_gemm.MAX_ROWS["wgrad"]
+    b = _bounds(_counts(E, most))
     a = torch.randn(b[-1], I, generator=g, dtype=torch.float64).to(dtype)
     bb = torch.randn(b[-1], J, generator=g, dtype=torch.float64).to(dtype)
     out = torch.full((E, I, J), float("nan"), dtype=dtype)
-    assert _cpu_gemm.wgrad(a, bb, _cpu_gemm.bounds_array(b), out)
+    _cpu_gemm.wgrad(a, bb, _cpu_gemm.bounds_array(b), out, most)
     for e in range(E):
         lo, hi = b[e], b[e + 1]
-        if hi - lo > _cpu_gemm.MAX_ROWS:
+        if hi - lo > most:
             assert out[e].isnan().all(), f"expert {e}: over MAX_ROWS, left to BLAS, yet written"
         elif hi == lo:
             assert torch.equal(out[e], torch.zeros(I, J, dtype=dtype)), f"expert {e} without rows: not zeros"
@@ -103,7 +108,7 @@ def test_nan_and_inf_stay_where_they_belong(layout):
     assert_close("finite", y[fin], want[fin], rms_tol=1e-12)
     out = torch.full((3, 40, 50), float("nan"), dtype=torch.float64)
     gy = torch.randn(13, 50, generator=g, dtype=torch.float64)
-    assert _cpu_gemm.wgrad(x, gy, _cpu_gemm.bounds_array(b), out)
+    _cpu_gemm.wgrad(x, gy, _cpu_gemm.bounds_array(b), out, 16)
     want = torch.stack([x[b[e]:b[e + 1]].t() @ gy[b[e]:b[e + 1]] for e in range(3)])
     assert torch.equal(out.isnan(), want.isnan())
     assert out[0, 5].isnan().all() and out[0, 4].isfinite().all()
@@ -122,19 +127,19 @@ def test_bitwise_the_same_at_any_thread_count_and_row_count(layout):
         runs = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            runs.append((_gemm(x, wt, bi, [0, 17, 30], 45), _wgrad(x, [0, 17, 30])))
+            runs.append((_gemm(x, wt, bi, [0, 17, 30], 45, 17), _wgrad(x, [0, 17, 30])))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     full = runs[0][0]
     for m in (1, 2, 5, 9):  # the first m rows of expert 0 alone, and expert 1 alone
-        part = _gemm(torch.cat([x[:m], x[17:]]), wt, bi, [0, m, m + 13], 45)
+        part = _gemm(torch.cat([x[:m], x[17:]]), wt, bi, [0, m, m + 13], 45, 17)
         assert torch.equal(part[:m], full[:m]) and torch.equal(part[m:], full[17:])
 
 
 def _wgrad(x, b):
     out = torch.full((len(b) - 1, x.shape[1], 9), float("nan"))
-    assert _cpu_gemm.wgrad(x, x[:, :9], _cpu_gemm.bounds_array(b), out)
+    _cpu_gemm.wgrad(x, x[:, :9], _cpu_gemm.bounds_array(b), out, 17)
     return out
 
 
@@ -147,24 +152,24 @@ def test_strided_views():
     bi = torch.randn(2, 30, generator=g)[:, :24]
     yb = torch.full((11, 31), float("nan"))
     y = yb[:, 2:26]
-    assert _cpu_gemm.gemm(x, wt, bi, _cpu_gemm.bounds_array([0, 4, 11]), y)
+    assert _cpu_gemm.gemm_rows(x, wt, bi) == _cpu_gemm.MAX_ROWS["gemm_nt"]
+    _cpu_gemm.gemm(x, wt, bi, _cpu_gemm.bounds_array([0, 4, 11]), y, 16)
     want = torch.cat([x[:4].double() @ wt[0].double() + bi[0].double(), x[4:].double() @ wt[1].double() + bi[1].double()])
     assert_close("y", y, want, rms_tol=1e-5)
     assert yb[:, :2].isnan().all() and yb[:, 26:].isnan().all(), "wrote outside the output view"
 
 
 def test_declines_what_it_cannot_take():
-    """bf16, weights without a unit stride, strided columns, a non-contiguous gradient: False, nothing written."""
+    """bf16, mixed dtypes, weights without a unit stride, strided columns, a strided bias: 0 rows."""
     x = torch.randn(4, 16)
-    b = _cpu_gemm.bounds_array([0, 2, 4])
-    y = torch.full((4, 8), float("nan"))
     w = torch.randn(2, 16, 8)
-    assert not _cpu_gemm.gemm(x.bfloat16(), w.bfloat16(), None, b, y.bfloat16())
-    assert not _cpu_gemm.gemm(x, torch.randn(2, 32, 16)[:, ::2, ::2], None, b, y)
-    assert not _cpu_gemm.gemm(torch.randn(4, 32)[:, ::2], w, None, b, y)
-    assert not _cpu_gemm.gemm(x, w.double(), None, b, y)
-    assert y.isnan().all()
-    assert not _cpu_gemm.wgrad(x, x, b, torch.empty(2, 16, 32)[:, :, :16])
+    assert _cpu_gemm.gemm_rows(x, w, None) and _cpu_gemm.wgrad_rows(x, x)
+    assert not _cpu_gemm.gemm_rows(x.bfloat16(), w.bfloat16(), None)
+    assert not _cpu_gemm.gemm_rows(x, w.double(), None)
+    assert not _cpu_gemm.gemm_rows(x, torch.randn(2, 32, 16)[:, ::2, ::2], None)
+    assert not _cpu_gemm.gemm_rows(torch.randn(4, 32)[:, ::2], w, None)
+    assert not _cpu_gemm.gemm_rows(x, w, torch.randn(2, 16)[:, ::2])
+    assert not _cpu_gemm.wgrad_rows(x.half(), x.half()) and not _cpu_gemm.wgrad_rows(x, torch.randn(4, 32)[:, ::2])
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
