@@ -22,7 +22,8 @@ from .shapes import REPO, Shape
 
 QUANTILES = [0.5, 0.2, 0.8]
 # recorded in the metadata when set
-ENV_VARS = ("MOE_KERNELS_POISON", "MOE_KERNELS_CHECK_VALUES", "TRITON_INTERPRET", "OMP_NUM_THREADS")
+ENV_VARS = ("MOE_KERNELS_POISON", "MOE_KERNELS_CHECK_VALUES", "MOE_KERNELS_CPU_GEMM", "TRITON_INTERPRET",
+            "OMP_NUM_THREADS")
 BASELINES = ("loop", "grouped_mm", "chain", "chain_compiled")  # non-kernel rows; "torch" (the reference) is one more
 # ratio column -> the backend whose time it divides by the row's (the main suite's; other suites pass their own)
 MAIN_RATIOS = {"vs_ref": "torch", "vs_loop": "loop", "vs_grouped_mm": "grouped_mm"}

@@ -14,8 +14,9 @@
  * Every output element is one fixed sequence of operations whatever the thread count, the schedule, its
  * position in a block or the number of rows (deterministic and batch-invariant): nt sums 8 (fp32) or 4
  * (fp64) lanes over k, then the lanes in a fixed tree, then the k tail; nn and wgrad sum over k in order.
- * Work is split over (expert, block of outputs) tasks with OpenMP: the library is linked against the
- * OpenMP runtime already loaded by torch, so its threads are torch's intra-op threads. Offsets are 64-bit.
+ * Work is split over (expert, block of outputs) tasks with OpenMP, `nthreads` threads (torch's intra-op thread
+ * count): the library is linked against the OpenMP runtime already loaded by torch, so its threads are torch's.
+ * Offsets are 64-bit.
  */
 #include <stdint.h>
 #include <string.h>
@@ -108,9 +109,9 @@ static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); 
                                                                                                                \
     void moe_gemm_nt_##SUF(const T* x, int64_t ldx, const T* w, int64_t swe, int64_t swn, const T* bias,      \
                            int64_t sbe, T* y, int64_t ldy, const int64_t* bounds, int64_t E, int64_t N,       \
-                           int64_t K, int64_t maxm) {                                                          \
+                           int64_t K, int64_t maxm, int nthreads) {                                            \
         const int64_t nb = (N + NT_ROWS - 1) / NT_ROWS;                                                        \
-        _Pragma("omp parallel for schedule(dynamic, 1)")                                                       \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                                       \
         for (int64_t t = 0; t < E * nb; ++t) {                                                                 \
             const int64_t e = t / nb, n0 = (t % nb) * NT_ROWS, n1 = MIN(n0 + NT_ROWS, N);                      \
             const int64_t lo = bounds[e], hi = bounds[e + 1];                                                  \
@@ -127,9 +128,9 @@ static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); 
                                                                                                                \
     void moe_gemm_nn_##SUF(const T* x, int64_t ldx, const T* w, int64_t swe, int64_t swk, const T* bias,      \
                            int64_t sbe, T* y, int64_t ldy, const int64_t* bounds, int64_t E, int64_t N,       \
-                           int64_t K, int64_t maxm) {                                                          \
+                           int64_t K, int64_t maxm, int nthreads) {                                            \
         const int64_t nb = (N + NN_COLS - 1) / NN_COLS;                                                        \
-        _Pragma("omp parallel for schedule(dynamic, 1)")                                                       \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                                       \
         for (int64_t t = 0; t < E * nb; ++t) {                                                                 \
             const int64_t e = t / nb, n0 = (t % nb) * NN_COLS;                                                 \
             const int64_t lo = bounds[e], hi = bounds[e + 1];                                                  \
@@ -140,9 +141,9 @@ static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); 
     }                                                                                                          \
                                                                                                                \
     void moe_wgrad_##SUF(const T* a, int64_t lda, const T* b, int64_t ldb, T* out, const int64_t* bounds,     \
-                         int64_t E, int64_t I, int64_t J, int64_t maxm) {                                      \
+                         int64_t E, int64_t I, int64_t J, int64_t maxm, int nthreads) {                        \
         const int64_t ib = (I + WG_ROWS - 1) / WG_ROWS;                                                        \
-        _Pragma("omp parallel for schedule(dynamic, 1)")                                                       \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                                       \
         for (int64_t t = 0; t < E * ib; ++t) {                                                                 \
             const int64_t e = t / ib, i0 = (t % ib) * WG_ROWS, i1 = MIN(i0 + WG_ROWS, I);                      \
             const int64_t lo = bounds[e], hi = bounds[e + 1];                                                  \

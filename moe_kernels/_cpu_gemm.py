@@ -34,25 +34,24 @@ DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _OMP_NAMES = ("libgomp", "libiomp5", "libomp")
 _state: dict = {}
 
-_I64, _P = ctypes.c_int64, ctypes.c_void_p
-_ARGS = {  # pointer arguments are ints (data_ptr) or None
-    "gemm_nt": [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64],
-    "gemm_nn": [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64],
-    "wgrad": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64],
+_I64, _P, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_ARGS = {  # pointer arguments are ints (data_ptr) or None; the last one is the thread count
+    "gemm_nt": [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT],
+    "gemm_nn": [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT],
+    "wgrad": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT],
 }
 
 
 def _omp_runtime() -> str | None:
-    """The path of the OpenMP runtime loaded in this process (torch's), or None."""
+    """The path of the OpenMP runtime loaded in this process, torch's own first, or None."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as f:
-            for line in f:
-                path = line.rsplit(None, 1)[-1] if line.count("/") else ""
-                if path.startswith("/") and Path(path).name.startswith(_OMP_NAMES) and ".so" in path:
-                    return path
+            paths = {line.rsplit(None, 1)[-1] for line in f if " /" in line}
     except OSError:
-        pass
-    return None
+        return None
+    found = sorted(p for p in paths if Path(p).name.startswith(_OMP_NAMES) and ".so" in Path(p).name)
+    torch_dir = str(Path(torch.__file__).parent)
+    return next((p for p in found if p.startswith(torch_dir)), found[0] if found else None)
 
 
 def _cache_dir() -> Path:
@@ -146,7 +145,7 @@ def gemm(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, bounds, y
     kind = _kind(wt)
     _fn(kind, x.dtype)(x.data_ptr(), x.stride(0), wt.data_ptr(), se, sn if kind == "gemm_nt" else sk,
                        None if bias is None else bias.data_ptr(), 0 if bias is None else bias.stride(0), y.data_ptr(),
-                       y.stride(0), bounds, E, N, K, max_rows)
+                       y.stride(0), bounds, E, N, K, max_rows, torch.get_num_threads())
 
 
 def wgrad_rows(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -163,4 +162,4 @@ def wgrad(a: torch.Tensor, b: torch.Tensor, bounds, out: torch.Tensor, max_rows:
     ``b [n, J]``, ``out [E, I, J]``."""
     E, I, J = out.shape
     _fn("wgrad", a.dtype)(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), out.data_ptr(), bounds, E, I, J,
-                          max_rows)
+                          max_rows, torch.get_num_threads())

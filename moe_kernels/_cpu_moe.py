@@ -10,9 +10,11 @@ step            ops
 =============== ==============================================================================================
 plan            ``sort``, ``searchsorted`` (bounds to the host), ``//`` k
 gather          ``index_select`` of the kept rows (and of their routing weights)
-GEMMs           per expert with rows ``mm``/``addmm`` (bias fused) when few experts have rows, else one
-                ``F.grouped_mm`` (bias: one ``index_select`` + ``add_``); a CPU ``grouped_mm`` visits every
-                expert, a Python loop only those with rows
+GEMMs           experts with few rows (fp32/fp64): the C kernels of :mod:`moe_kernels._cpu_gemm`, all experts
+                in one call (bias fused); larger experts: per expert ``mm``/``addmm`` (bias fused) when few
+                experts have rows or some went to the C kernels, else one ``F.grouped_mm`` (bias: one
+                ``index_select`` + ``add_``); a CPU ``grouped_mm`` visits every expert, a loop only those
+                with rows
 activation      ``silu(g) * u`` on views of ``h`` (fp32/fp64; other cases: the reference's, in fp32)
 combine         one ``index_add_`` of the weighted rows into ``[T, H]`` (fp32; fp64 for fp64), rows in expert
                 order: deterministic (CPU ``index_add_`` is sequential)
@@ -20,7 +22,7 @@ combine         one ``index_add_`` of the weighted rows into ``[T, H]`` (fp32; f
 
 Under autograd a ``torch.autograd.Function`` keeps the plan and the forward's intermediates (gathered rows,
 pre-activation, ``silu(g)``, activation, expert outputs), so the backward is two GEMMs for dX, two for dW (zeros
-written once, for experts without rows), the activation's backward and the router gradient as one row-wise dot;
+written once, for experts without rows: by the C kernel's call when it runs), the activation's backward and the router gradient as one row-wise dot;
 only the gradients asked for (``needs_input_grad``) are computed.
 
 Everything else (other devices, torch.compile, tensor subclasses) takes the registered op of

@@ -167,8 +167,11 @@ def test_compile_with_data_dependent_token_count():
         for m in (7, 3):
             n = torch.tensor(m)
             got, want = g(n, x, ids, w), f(n, x, ids, w)
-            for a, b in zip(got, want):
-                assert torch.equal(a, b)
+            for i, (a, b) in enumerate(zip(got, want)):
+                if i == 1:  # fused_moe: the registered op's GEMMs compiled, the CPU path's C kernels eager
+                    assert_close("fused_moe", a, b, rms_tol=1e-6)
+                else:
+                    assert torch.equal(a, b)
 
 
 def test_compile_dynamic_shapes_two_sizes():
