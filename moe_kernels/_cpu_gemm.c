@@ -32,11 +32,38 @@ typedef double hv_f64 __attribute__((vector_size(32)));
 static inline float HSUM_f32(hv_f32 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 
+/* streaming (non-temporal) stores of aligned vectors, and the fence that orders them before the caller reads */
+#if defined(__AVX__)
+#include <immintrin.h>
+#define ALIGNED(p) ((((uintptr_t)(p)) & 31) == 0)
+static inline void NTSTORE_f32(float* p, hv_f32 v) { _mm256_stream_ps(p, (__m256)v); }
+static inline void NTSTORE_f64(double* p, hv_f64 v) { _mm256_stream_pd(p, (__m256d)v); }
+static inline void store_fence(void) { _mm_sfence(); }
+#else
+#define ALIGNED(p) 0
+static inline void NTSTORE_f32(float* p, hv_f32 v) { memcpy(p, &v, 32); }
+static inline void NTSTORE_f64(double* p, hv_f64 v) { memcpy(p, &v, 32); }
+static inline void store_fence(void) {}
+#endif
+
 #define DEFINE_KERNELS(T, SUF, LANES)                                                                          \
     typedef T v_##SUF __attribute__((vector_size(32)));                                                        \
     static inline v_##SUF ld_##SUF(const T* p) { v_##SUF v; memcpy(&v, p, 32); return v; }                    \
     static inline void st_##SUF(T* p, v_##SUF v) { memcpy(p, &v, 32); }                                       \
+    /* a streaming store (no read of the line first) where aligned: for outputs far larger than the caches */  \
+    static inline void stream_##SUF(T* p, v_##SUF v) {                                                         \
+        if (ALIGNED(p)) NTSTORE_##SUF(p, v);                                                                   \
+        else memcpy(p, &v, 32);                                                                                \
+    }                                                                                                          \
     static inline v_##SUF splat_##SUF(T s) { return s - (v_##SUF){0}; } /* s - 0 == s, -0 and NaN included */ \
+                                                                                                               \
+    static void zero_##SUF(T* p, int64_t n) { /* streaming stores of zeros */                                  \
+        const v_##SUF z = {0};                                                                                 \
+        int64_t i = 0;                                                                                         \
+        for (; i < n && !ALIGNED(p + i); ++i) p[i] = 0;                                                        \
+        for (; i + LANES <= n; i += LANES) stream_##SUF(p + i, z);                                             \
+        for (; i < n; ++i) p[i] = 0;                                                                           \
+    }                                                                                                          \
                                                                                                                \
     /* y[m, n0 + j] for m < M, j < nb (<= 4): 4 rows of x at a time against 4 weight rows */                  \
     static void nt_tile_##SUF(const T* x, int64_t ldx, const T* const wr[4], int nb, const T* bias, T* y,      \
@@ -68,8 +95,9 @@ static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); 
     }                                                                                                          \
                                                                                                                \
     /* y[m, j] = sum_k x[m * sxm + k * sxk] w[k * swk + j] (+ bias[j]) for m < M, j < nv * LANES + rem */      \
-    static inline __attribute__((always_inline)) void nn_rows_##SUF(const T* x, int64_t sxm, int64_t sxk, const T* w, int64_t swk,           \
-                                     const T* bias, T* y, int64_t ldy, int64_t M, int nv, int rem, int64_t K) { \
+    static inline __attribute__((always_inline)) void nn_rows_##SUF(const T* x, int64_t sxm, int64_t sxk,      \
+            const T* w, int64_t swk, const T* bias, T* y, int64_t ldy, int64_t M, int nv, int rem, int64_t K,   \
+            int streaming) {                                                                                   \
         for (int64_t m = 0; m < M; m += 4) {                                                                   \
             const int mb = (int)MIN(M - m, 4);                                                                 \
             const T* xr[4];                                                                                    \
@@ -88,7 +116,8 @@ static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); 
                 for (int v = 0; v < nv; ++v) {                                                                 \
                     v_##SUF o = a[i][v];                                                                       \
                     if (bias) o += ld_##SUF(bias + v * LANES);                                                 \
-                    st_##SUF(y + (m + i) * ldy + v * LANES, o);                                                \
+                    if (streaming) stream_##SUF(y + (m + i) * ldy + v * LANES, o);                             \
+                    else st_##SUF(y + (m + i) * ldy + v * LANES, o);                                           \
                 }                                                                                              \
         }                                                                                                      \
         for (int64_t m = 0; m < M; ++m) /* the last rem (< LANES) columns: the same sums, one at a time */     \
@@ -100,11 +129,13 @@ static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); 
     }                                                                                                          \
                                                                                                                \
     static void nn_tile_##SUF(const T* x, int64_t sxm, int64_t sxk, const T* w, int64_t swk, const T* bias,   \
-                              T* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {                            \
-        if (N == NN_COLS) /* the full tile, its vector count a constant */                                     \
-            nn_rows_##SUF(x, sxm, sxk, w, swk, bias, y, ldy, M, NN_COLS / LANES, 0, K);                        \
+                              T* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int streaming) {             \
+        if (N == NN_COLS && streaming) /* full tiles: the vector count a constant */                           \
+            nn_rows_##SUF(x, sxm, sxk, w, swk, bias, y, ldy, M, NN_COLS / LANES, 0, K, 1);                     \
+        else if (N == NN_COLS)                                                                                 \
+            nn_rows_##SUF(x, sxm, sxk, w, swk, bias, y, ldy, M, NN_COLS / LANES, 0, K, 0);                     \
         else                                                                                                   \
-            nn_rows_##SUF(x, sxm, sxk, w, swk, bias, y, ldy, M, (int)(N / LANES), (int)(N % LANES), K);        \
+            nn_rows_##SUF(x, sxm, sxk, w, swk, bias, y, ldy, M, (int)(N / LANES), (int)(N % LANES), K, 0);     \
     }                                                                                                          \
                                                                                                                \
     void moe_gemm_nt_##SUF(const T* x, int64_t ldx, const T* w, int64_t swe, int64_t swn, const T* bias,      \
@@ -136,7 +167,7 @@ static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); 
             const int64_t lo = bounds[e], hi = bounds[e + 1];                                                  \
             if (hi <= lo || hi - lo > maxm) continue;                                                          \
             nn_tile_##SUF(x + lo * ldx, ldx, 1, w + e * swe + n0, swk, bias ? bias + e * sbe + n0 : 0,         \
-                          y + lo * ldy + n0, ldy, hi - lo, MIN(NN_COLS, N - n0), K);                           \
+                          y + lo * ldy + n0, ldy, hi - lo, MIN(NN_COLS, N - n0), K, 0);                        \
         }                                                                                                      \
     }                                                                                                          \
                                                                                                                \
@@ -150,12 +181,14 @@ static inline double HSUM_f64(hv_f64 v) { return (v[0] + v[2]) + (v[1] + v[3]); 
             T* o = out + (e * I + i0) * J;                                                                     \
             if (hi - lo > maxm) continue;                                                                      \
             if (hi <= lo) {                                                                                    \
-                memset(o, 0, (size_t)((i1 - i0) * J) * sizeof(T));                                            \
+                zero_##SUF(o, (i1 - i0) * J);                                                                  \
+                store_fence();                                                                                 \
                 continue;                                                                                      \
             }                                                                                                  \
             for (int64_t j0 = 0; j0 < J; j0 += NN_COLS)                                                        \
                 nn_tile_##SUF(a + lo * lda + i0, 1, lda, b + lo * ldb + j0, ldb, 0, o + j0, J, i1 - i0,        \
-                              MIN(NN_COLS, J - j0), hi - lo);                                                  \
+                              MIN(NN_COLS, J - j0), hi - lo, 1);                                               \
+            store_fence();                                                                                     \
         }                                                                                                      \
     }
 
