@@ -10,7 +10,7 @@ beside ``F.grouped_mm`` on the same tensors (MKL on x86):
 
 Columns: median time (us), GFLOP/s, the weight bytes (read, or the gradient written) over the time against the
 measured copy bandwidth (``bw %``), and ``C / grouped_mm`` as a speed ratio. The kernels take experts with at
-most ``_cpu_gemm.MAX_ROWS[kind]`` rows in the CPU path; rows past that are measured here to show where BLAS
+most ``_cpu_gemm.MAX_ROWS`` rows in the CPU path; rows past that are measured here to show where BLAS
 wins. Prints a markdown table and writes it to ``--out`` (default bench/results/<date>_cpu_gemm.md).
 """
 
@@ -64,7 +64,7 @@ def rows_for(model: str, E: int, H: int, I: int, m: int, copy_gbps: float) -> li
         out.append({"model": model, "E": E, "H": H, "I": I, "rows": m, "op": kind, "c_us": round(t_c, 1),
                     "grouped_mm_us": round(t_b, 1), "c_gflops": round(flops / t_c / 1e3, 1),
                     "c_bw_pct": round(100 * wbytes / t_c / 1e3 / copy_gbps, 1), "ratio": round(t_b / t_c, 2),
-                    "in_path": m <= _cpu_gemm.MAX_ROWS["gemm_" + kind if kind != "wgrad" else "wgrad"]})
+                    "in_path": m <= _cpu_gemm.MAX_ROWS})
     return out
 
 

@@ -357,8 +357,7 @@ def run_moe(shapes: list[Shape], device: str, quick: bool, notes: list[str]) -> 
     if device == "cpu":
         from moe_kernels import _cpu_gemm
 
-        most = ", ".join(f"{kind.replace('gemm_', '')} {rows}" for kind, rows in _cpu_gemm.MAX_ROWS.items())
-        notes.append("CPU path GEMMs: " + (f"C kernels (moe_kernels/_cpu_gemm.c) for experts with at most ({most}) rows, "
+        notes.append("CPU path GEMMs: " + (f"C kernels (moe_kernels/_cpu_gemm.c) for experts with at most {_cpu_gemm.MAX_ROWS} rows, "
                                            "torch's beyond" if _cpu_gemm.lib() else "torch's (the C kernels are off)"))
     if device != "cuda":
         notes.append("goals (>= 1.3x hf_grouped_mm at >= 4096 tokens; decode within 1.2x of the weight read; "

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("_cpu_gemm.c")
-# experts with more rows go to BLAS: past these the kernels' plain register tiles lose to MKL's (bench/cpu_gemm.py)
-MAX_ROWS = {"gemm_nt": 32, "gemm_nn": 16, "wgrad": 16}
+# The most rows per expert the kernels take; experts with more rows go to BLAS, whose packed kernels win from
+# 32-64 rows on (bench/cpu_gemm.py; bench moe on 1 and 2 threads, 2-core AVX2 EPYC).
+MAX_ROWS = 32
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _OMP_NAMES = ("libgomp", "libiomp5", "libomp")
 _state: dict = {}
@@ -133,8 +134,7 @@ def gemm_rows(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> i
     if (lib() is None or x.dtype not in DTYPES or wt.dtype != x.dtype or x.stride(1) != 1
             or (bias is not None and (bias.dtype != x.dtype or bias.stride(1) != 1))):
         return 0
-    kind = _kind(wt)
-    return 0 if kind is None else MAX_ROWS[kind]
+    return 0 if _kind(wt) is None else MAX_ROWS
 
 
 def gemm(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, bounds, y: torch.Tensor, max_rows: int) -> None:
@@ -153,7 +153,7 @@ def wgrad_rows(a: torch.Tensor, b: torch.Tensor) -> int:
     contiguous, ``a``'s dtype)."""
     if lib() is None or a.dtype not in DTYPES or b.dtype != a.dtype or a.stride(1) != 1 or b.stride(1) != 1:
         return 0
-    return MAX_ROWS["wgrad"]
+    return MAX_ROWS
 
 
 def wgrad(a: torch.Tensor, b: torch.Tensor, bounds, out: torch.Tensor, max_rows: int) -> None:

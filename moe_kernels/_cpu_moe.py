@@ -11,10 +11,10 @@ step            ops
 plan            ``sort``, ``searchsorted`` (bounds to the host), ``//`` k
 gather          ``index_select`` of the kept rows (and of their routing weights)
 GEMMs           experts with few rows (fp32/fp64): the C kernels of :mod:`moe_kernels._cpu_gemm`, all experts
-                in one call (bias fused); larger experts: per expert ``mm``/``addmm`` (bias fused) when few
-                experts have rows or some went to the C kernels, else one ``F.grouped_mm`` (bias: one
-                ``index_select`` + ``add_``); a CPU ``grouped_mm`` visits every expert, a loop only those
-                with rows
+                in one call (bias fused); larger experts: per expert ``mm``/``addmm`` (bias fused); one
+                ``F.grouped_mm`` for all instead (bias: one ``index_select`` + ``add_``) when most experts with
+                rows are larger and a third or more of the experts have rows (a CPU ``grouped_mm`` visits
+                every expert, a loop only those with rows)
 activation      ``silu(g) * u`` on views of ``h`` (fp32/fp64; other cases: the reference's, in fp32)
 combine         one ``index_add_`` of the weighted rows into ``[T, H]`` (fp32; fp64 for fp64), rows in expert
                 order: deterministic (CPU ``index_add_`` is sequential)
@@ -108,10 +108,12 @@ def _gemm(plan: Plan, x: torch.Tensor, w: torch.Tensor, trans_w: bool, bias: tor
         bias = bias.to(x.dtype)
     segs, y = plan.segs, None
     rows = _cpu_gemm.gemm_rows(x, wt, bias)
-    if rows and len(plan.over(rows)) < len(segs):  # the C kernels for experts with few rows, BLAS for the others
+    over = plan.over(rows) if rows else segs
+    if len(over) < len(segs) and (len(over) * 2 <= len(segs) or plan.loop):  # the C kernels for experts with few
+        # rows, BLAS for the others; when most experts have more rows, one grouped_mm for all (no long loop of mm)
         y = empty(x.shape[0], wt.shape[2], dtype=x.dtype, device=x.device)
         _cpu_gemm.gemm(x, wt, bias, plan.cbounds(), y, rows)
-        segs = plan.over(rows)
+        segs = over
     elif not plan.loop and ref._grouped_mm_ok(x, w):
         y = F.grouped_mm(x if x.is_contiguous() else x.contiguous(), wt, offs=plan.offs)
         return y if bias is None else y.add_(bias.index_select(0, plan.row_e))

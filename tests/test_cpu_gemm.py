@@ -1,5 +1,5 @@
 """The CPU grouped GEMM kernels (moe_kernels/_cpu_gemm.c) against float64 products: both weight layouts, bias, the
-weight gradient, odd sizes, experts without rows and over MAX_ROWS, NaN and inf; bitwise the same at any thread
+weight gradient, odd sizes, experts without rows and over the row limit, NaN and inf; bitwise the same at any thread
 count and any row count; the inputs they decline; the build's fallbacks."""
 
 import os
@@ -43,7 +43,7 @@ def _weights(E, K, N, layout, dtype, g):
 def _gemm(x, wt, bias, b, N, most=None):
     y = torch.full((x.shape[0], N), float("nan"), dtype=x.dtype)
     rows = _cpu_gemm.gemm_rows(x, wt, bias)
-    assert rows == _cpu_gemm.MAX_ROWS["gemm_nt" if wt.stride(1) == 1 else "gemm_nn"]
+    assert rows == _cpu_gemm.MAX_ROWS
     _cpu_gemm.gemm(x, wt, bias, _cpu_gemm.bounds_array(b), y, rows if most is None else most)
     return y
 
@@ -54,7 +54,7 @@ def _gemm(x, wt, bias, b, N, most=None):
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemm_matches_float64(dtype, layout, E, K, N, bias):
     g = torch.Generator().manual_seed(E * K + N)
-    most = _cpu_gemm.MAX_ROWS["gemm_" + layout]
+    most = _cpu_gemm.MAX_ROWS
     b = _bounds(_counts(E, most))
     x = torch.randn(b[-1], K, generator=g, dtype=torch.float64).to(dtype)
     wt = _weights(E, K, N, layout, dtype, g)
@@ -63,7 +63,7 @@ def test_gemm_matches_float64(dtype, layout, E, K, N, bias):
     for e in range(E):
         lo, hi = b[e], b[e + 1]
         if hi - lo > most:
-            assert y[lo:hi].isnan().all(), f"expert {e}: over MAX_ROWS, left to BLAS, yet written"
+            assert y[lo:hi].isnan().all(), f"expert {e}: over the row limit, left to BLAS, yet written"
         elif hi > lo:
             want = x[lo:hi].double() @ wt[e].double() + (bi[e].double() if bias else 0)
             assert_close(f"y expert {e}", y[lo:hi], want, rms_tol=tolerance(dtype))
@@ -74,7 +74,7 @@ def test_gemm_matches_float64(dtype, layout, E, K, N, bias):
 def test_wgrad_matches_float64(dtype, E, I, J):
     g = torch.Generator().manual_seed(E * I + J)
     most = _cpu_gemm.wgrad_rows(torch.empty(1, 1, dtype=dtype), torch.empty(1, 1, dtype=dtype))
-    assert most == _cpu_gemm.MAX_ROWS["wgrad"]
+    assert most == _cpu_gemm.MAX_ROWS
     b = _bounds(_counts(E, most))
     a = torch.randn(b[-1], I, generator=g, dtype=torch.float64).to(dtype)
     bb = torch.randn(b[-1], J, generator=g, dtype=torch.float64).to(dtype)
@@ -83,7 +83,7 @@ def test_wgrad_matches_float64(dtype, E, I, J):
     for e in range(E):
         lo, hi = b[e], b[e + 1]
         if hi - lo > most:
-            assert out[e].isnan().all(), f"expert {e}: over MAX_ROWS, left to BLAS, yet written"
+            assert out[e].isnan().all(), f"expert {e}: over the row limit, left to BLAS, yet written"
         elif hi == lo:
             assert torch.equal(out[e], torch.zeros(I, J, dtype=dtype)), f"expert {e} without rows: not zeros"
         else:
@@ -152,7 +152,7 @@ def test_strided_views():
     bi = torch.randn(2, 30, generator=g)[:, :24]
     yb = torch.full((11, 31), float("nan"))
     y = yb[:, 2:26]
-    assert _cpu_gemm.gemm_rows(x, wt, bi) == _cpu_gemm.MAX_ROWS["gemm_nt"]
+    assert _cpu_gemm.gemm_rows(x, wt, bi) == _cpu_gemm.MAX_ROWS
     _cpu_gemm.gemm(x, wt, bi, _cpu_gemm.bounds_array([0, 4, 11]), y, 16)
     want = torch.cat([x[:4].double() @ wt[0].double() + bi[0].double(), x[4:].double() @ wt[1].double() + bi[1].double()])
     assert_close("y", y, want, rms_tol=1e-5)
