@@ -65,33 +65,71 @@ static inline void store_fence(void) {}
         for (; i < n; ++i) p[i] = 0;                                                                           \
     }                                                                                                          \
                                                                                                                \
-    /* y[m, n0 + j] for m < M, j < nb (<= 4): 4 rows of x at a time against 4 weight rows */                  \
+    /* y[i, j] for i < mb (<= 4, a constant where inlined), j < nb (<= 4): mb rows of x against 4 weight rows */\
+    static inline __attribute__((always_inline)) void nt_rows_##SUF(const T* x, int64_t ldx,                  \
+            const T* const wr[4], int nb, const T* bias, T* y, int64_t ldy, int mb, int64_t K, int64_t pf) {   \
+        const int64_t KV = K - K % LANES;                                                                      \
+        v_##SUF a[4][4];                                                                                       \
+        memset(a, 0, sizeof(a));                                                                               \
+        for (int64_t k = 0; k < KV; k += LANES) {                                                              \
+            if (pf)                                                                                            \
+                for (int j = 0; j < 4; ++j) __builtin_prefetch(wr[j] + k + pf);                                \
+            const v_##SUF w0 = ld_##SUF(wr[0] + k), w1 = ld_##SUF(wr[1] + k);                                  \
+            const v_##SUF w2 = ld_##SUF(wr[2] + k), w3 = ld_##SUF(wr[3] + k);                                  \
+            for (int i = 0; i < mb; ++i) {                                                                     \
+                const v_##SUF xv = ld_##SUF(x + i * ldx + k);                                                  \
+                a[i][0] += xv * w0; a[i][1] += xv * w1; a[i][2] += xv * w2; a[i][3] += xv * w3;                \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int i = 0; i < mb; ++i)                                                                           \
+            for (int j = 0; j < nb; ++j) {                                                                     \
+                T s = HSUM_##SUF(a[i][j]);                                                                     \
+                for (int64_t k = KV; k < K; ++k) s += x[i * ldx + k] * wr[j][k];                               \
+                y[i * ldy + j] = bias ? s + bias[j] : s;                                                       \
+            }                                                                                                  \
+    }                                                                                                          \
+                                                                                                               \
+    /* y[m, j] for m < M, j < nb (<= 4): 4 rows of x at a time against 4 weight rows (prefetching the next     \
+       4 weight rows while the first rows of x run); the last 1-3 rows without the redundant ones */           \
     static void nt_tile_##SUF(const T* x, int64_t ldx, const T* const wr[4], int nb, const T* bias, T* y,      \
                               int64_t ldy, int64_t M, int64_t K, int64_t pf) {                                 \
-        const int64_t KV = K - K % LANES;                                                                      \
         for (int64_t m = 0; m < M; m += 4) {                                                                   \
-            const int mb = (int)MIN(M - m, 4);                                                                 \
-            const T* xr[4];                                                                                    \
-            for (int i = 0; i < 4; ++i) xr[i] = x + (m + (i < mb ? i : 0)) * ldx;                              \
-            v_##SUF a[4][4];                                                                                   \
-            memset(a, 0, sizeof(a));                                                                           \
-            for (int64_t k = 0; k < KV; k += LANES) {                                                          \
-                if (m == 0)                                                                                    \
-                    for (int j = 0; j < 4; ++j) __builtin_prefetch(wr[j] + k + pf);                            \
-                const v_##SUF w0 = ld_##SUF(wr[0] + k), w1 = ld_##SUF(wr[1] + k);                              \
-                const v_##SUF w2 = ld_##SUF(wr[2] + k), w3 = ld_##SUF(wr[3] + k);                              \
-                for (int i = 0; i < 4; ++i) {                                                                  \
-                    const v_##SUF xv = ld_##SUF(xr[i] + k);                                                    \
-                    a[i][0] += xv * w0; a[i][1] += xv * w1; a[i][2] += xv * w2; a[i][3] += xv * w3;            \
-                }                                                                                              \
+            const int64_t p = m == 0 ? pf : 0;                                                                 \
+            const T* xm = x + m * ldx;                                                                         \
+            T* ym = y + m * ldy;                                                                               \
+            switch (MIN(M - m, 4)) {                                                                           \
+                case 1: nt_rows_##SUF(xm, ldx, wr, nb, bias, ym, ldy, 1, K, p); break;                         \
+                case 2: nt_rows_##SUF(xm, ldx, wr, nb, bias, ym, ldy, 2, K, p); break;                         \
+                case 3: nt_rows_##SUF(xm, ldx, wr, nb, bias, ym, ldy, 3, K, p); break;                         \
+                default: nt_rows_##SUF(xm, ldx, wr, nb, bias, ym, ldy, 4, K, p);                               \
             }                                                                                                  \
-            for (int i = 0; i < mb; ++i)                                                                       \
-                for (int j = 0; j < nb; ++j) {                                                                 \
-                    T s = HSUM_##SUF(a[i][j]);                                                                 \
-                    for (int64_t k = KV; k < K; ++k) s += xr[i][k] * wr[j][k];                                 \
-                    y[(m + i) * ldy + j] = bias ? s + bias[j] : s;                                             \
-                }                                                                                              \
         }                                                                                                      \
+    }                                                                                                          \
+                                                                                                               \
+    /* y[i, j] = sum_k x[i * sxm + k * sxk] w[k * swk + j] (+ bias[j]) for i < ms, j < nv * LANES: mb rows      \
+       computed (mb <= 4, a constant where inlined; rows past ms repeat row 0), ms <= mb stored */            \
+    static inline __attribute__((always_inline)) void nn_mrows_##SUF(const T* x, int64_t sxm, int64_t sxk,     \
+            const T* w, int64_t swk, const T* bias, T* y, int64_t ldy, int mb, int ms, int nv, int64_t K,      \
+            int streaming) {                                                                                   \
+        const T* xr[4];                                                                                        \
+        for (int i = 0; i < 4; ++i) xr[i] = x + (i < ms ? i : 0) * sxm;                                        \
+        v_##SUF a[4][NN_COLS / LANES];                                                                         \
+        memset(a, 0, sizeof(a));                                                                               \
+        for (int64_t k = 0; k < K; ++k) {                                                                      \
+            const T* wk = w + k * swk;                                                                         \
+            __builtin_prefetch(wk + 4 * swk);                                                                  \
+            for (int i = 0; i < mb; ++i) {                                                                     \
+                const v_##SUF xs = splat_##SUF(xr[i][k * sxk]);                                                \
+                for (int v = 0; v < nv; ++v) a[i][v] += xs * ld_##SUF(wk + v * LANES);                         \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int i = 0; i < ms; ++i)                                                                           \
+            for (int v = 0; v < nv; ++v) {                                                                     \
+                v_##SUF o = a[i][v];                                                                           \
+                if (bias) o += ld_##SUF(bias + v * LANES);                                                     \
+                if (streaming) stream_##SUF(y + i * ldy + v * LANES, o);                                       \
+                else st_##SUF(y + i * ldy + v * LANES, o);                                                     \
+            }                                                                                                  \
     }                                                                                                          \
                                                                                                                \
     /* y[m, j] = sum_k x[m * sxm + k * sxk] w[k * swk + j] (+ bias[j]) for m < M, j < nv * LANES + rem */      \
@@ -99,26 +137,17 @@ static inline void store_fence(void) {}
             const T* w, int64_t swk, const T* bias, T* y, int64_t ldy, int64_t M, int nv, int rem, int64_t K,   \
             int streaming) {                                                                                   \
         for (int64_t m = 0; m < M; m += 4) {                                                                   \
-            const int mb = (int)MIN(M - m, 4);                                                                 \
-            const T* xr[4];                                                                                    \
-            for (int i = 0; i < 4; ++i) xr[i] = x + (m + (i < mb ? i : 0)) * sxm;                              \
-            v_##SUF a[4][NN_COLS / LANES];                                                                     \
-            memset(a, 0, sizeof(a));                                                                           \
-            for (int64_t k = 0; k < K; ++k) {                                                                  \
-                const T* wk = w + k * swk;                                                                     \
-                __builtin_prefetch(wk + 4 * swk);                                                              \
-                for (int i = 0; i < 4; ++i) {                                                                  \
-                    const v_##SUF xs = splat_##SUF(xr[i][k * sxk]);                                            \
-                    for (int v = 0; v < nv; ++v) a[i][v] += xs * ld_##SUF(wk + v * LANES);                     \
-                }                                                                                              \
-            }                                                                                                  \
-            for (int i = 0; i < mb; ++i)                                                                       \
-                for (int v = 0; v < nv; ++v) {                                                                 \
-                    v_##SUF o = a[i][v];                                                                       \
-                    if (bias) o += ld_##SUF(bias + v * LANES);                                                 \
-                    if (streaming) stream_##SUF(y + (m + i) * ldy + v * LANES, o);                             \
-                    else st_##SUF(y + (m + i) * ldy + v * LANES, o);                                           \
-                }                                                                                              \
+            const T* xm = x + m * sxm;                                                                         \
+            T* ym = y + m * ldy;                                                                               \
+            const int ms = (int)MIN(M - m, 4);                                                                 \
+            if (streaming || ms == 4) /* the weight gradient: many rows, 4 at a time */                        \
+                nn_mrows_##SUF(xm, sxm, sxk, w, swk, bias, ym, ldy, 4, ms, nv, K, streaming);                  \
+            else if (ms == 1) /* a few rows (decode): no redundant ones */                                     \
+                nn_mrows_##SUF(xm, sxm, sxk, w, swk, bias, ym, ldy, 1, 1, nv, K, 0);                           \
+            else if (ms == 2)                                                                                  \
+                nn_mrows_##SUF(xm, sxm, sxk, w, swk, bias, ym, ldy, 2, 2, nv, K, 0);                           \
+            else                                                                                               \
+                nn_mrows_##SUF(xm, sxm, sxk, w, swk, bias, ym, ldy, 3, 3, nv, K, 0);                           \
         }                                                                                                      \
         for (int64_t m = 0; m < M; ++m) /* the last rem (< LANES) columns: the same sums, one at a time */     \
             for (int j = nv * LANES; j < nv * LANES + rem; ++j) {                                              \

@@ -19,6 +19,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -70,12 +71,13 @@ def _cpu_flags() -> str:
 
 def _build() -> Path:
     """Compile the kernels (or find them in the cache); the shared library's path. Raises on failure."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
+    found = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not found:
         raise RuntimeError("no C compiler (set CC or install cc)")
+    cc = shlex.split(found)  # CC may carry a launcher or flags ("ccache gcc")
     omp = _omp_runtime()
     flags = ["-O3", "-march=native", "-fPIC", "-fno-math-errno", "-std=gnu11"] + (["-fopenmp"] if omp else [])
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     src = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags).encode(), (omp or "").encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
@@ -85,8 +87,8 @@ def _build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         obj, lib = Path(tmp) / "cpu_gemm.o", Path(tmp) / "cpu_gemm.so"
-        for cmd in ([cc, *flags, "-c", str(SOURCE), "-o", str(obj)],
-                    [cc, "-shared", str(obj), *([omp] if omp else []), "-o", str(lib)]):
+        for cmd in ([*cc, *flags, "-c", str(SOURCE), "-o", str(obj)],
+                    [*cc, "-shared", str(obj), *([omp] if omp else []), "-o", str(lib)]):
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if run.returncode:
                 raise RuntimeError(f"{' '.join(cmd)} failed: {run.stderr.strip()[-400:]}")
