@@ -6,8 +6,8 @@
  * packs the weights first and reaches a fraction of the memory bandwidth at these shapes. Experts with more
  * than `maxm` rows are skipped (not written): the caller gives them to BLAS.
  *
- *   gemm_nt   y[r, n] = sum_k x[r, k] w[e, n, k] (+ bias[e, n])   weights with unit stride along k
- *   gemm_nn   y[r, n] = sum_k x[r, k] w[e, k, n] (+ bias[e, n])   weights with unit stride along n
+ *   gemm nt   y[r, n] = sum_k x[r, k] w[e, n, k] (+ bias[e, n])   weights with unit stride along k
+ *   gemm nn   y[r, n] = sum_k x[r, k] w[e, k, n] (+ bias[e, n])   weights with unit stride along n
  *   wgrad     out[e, i, j] = sum_{r of e} a[r, i] b[r, j]         out [E, I, J] contiguous; zeros for experts
  *                                                                  without rows
  *
@@ -167,43 +167,36 @@ static inline void store_fence(void) {}
             nn_rows_##SUF(x, sxm, sxk, w, swk, bias, y, ldy, M, (int)(N / LANES), (int)(N % LANES), K, 0);     \
     }                                                                                                          \
                                                                                                                \
-    void moe_gemm_nt_##SUF(const T* x, int64_t ldx, const T* w, int64_t swe, int64_t swn, const T* bias,      \
-                           int64_t sbe, T* y, int64_t ldy, const int64_t* bounds, int64_t E, int64_t N,       \
-                           int64_t K, int64_t maxm, int nthreads) {                                            \
-        const int64_t nb = (N + NT_ROWS - 1) / NT_ROWS;                                                        \
-        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                                       \
+    /* nt: w[e, n, k] at w + e * swe + n * sw + k; nn: w[e, k, n] at w + e * swe + k * sw + n */              \
+    void moe_gemm_##SUF(int nt, const T* x, int64_t ldx, const T* w, int64_t swe, int64_t sw, const T* bias,  \
+                        int64_t sbe, T* y, int64_t ldy, const int64_t* bounds, int64_t E, int64_t N, int64_t K, \
+                        int64_t maxm, int nthreads) {                                                          \
+        const int64_t cols = nt ? NT_ROWS : NN_COLS, nb = (N + cols - 1) / cols;                               \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                 \
         for (int64_t t = 0; t < E * nb; ++t) {                                                                 \
-            const int64_t e = t / nb, n0 = (t % nb) * NT_ROWS, n1 = MIN(n0 + NT_ROWS, N);                      \
+            const int64_t e = t / nb, n0 = (t % nb) * cols, n1 = MIN(n0 + cols, N);                            \
             const int64_t lo = bounds[e], hi = bounds[e + 1];                                                  \
+            const T* be = bias ? bias + e * sbe : 0;                                                           \
             if (hi <= lo || hi - lo > maxm) continue;                                                          \
+            if (!nt) {                                                                                         \
+                nn_tile_##SUF(x + lo * ldx, ldx, 1, w + e * swe + n0, sw, be ? be + n0 : 0, y + lo * ldy + n0, \
+                              ldy, hi - lo, n1 - n0, K, 0);                                                    \
+                continue;                                                                                      \
+            }                                                                                                  \
             for (int64_t n = n0; n < n1; n += 4) {                                                             \
                 const int cnt = (int)MIN(n1 - n, 4);                                                           \
                 const T* wr[4];                                                                                \
-                for (int j = 0; j < 4; ++j) wr[j] = w + e * swe + (n + (j < cnt ? j : 0)) * swn;               \
-                nt_tile_##SUF(x + lo * ldx, ldx, wr, cnt, bias ? bias + e * sbe + n : 0, y + lo * ldy + n,     \
-                              ldy, hi - lo, K, 4 * swn);                                                       \
+                for (int j = 0; j < 4; ++j) wr[j] = w + e * swe + (n + (j < cnt ? j : 0)) * sw;                \
+                nt_tile_##SUF(x + lo * ldx, ldx, wr, cnt, be ? be + n : 0, y + lo * ldy + n, ldy, hi - lo, K,  \
+                              4 * sw);                                                                         \
             }                                                                                                  \
-        }                                                                                                      \
-    }                                                                                                          \
-                                                                                                               \
-    void moe_gemm_nn_##SUF(const T* x, int64_t ldx, const T* w, int64_t swe, int64_t swk, const T* bias,      \
-                           int64_t sbe, T* y, int64_t ldy, const int64_t* bounds, int64_t E, int64_t N,       \
-                           int64_t K, int64_t maxm, int nthreads) {                                            \
-        const int64_t nb = (N + NN_COLS - 1) / NN_COLS;                                                        \
-        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                                       \
-        for (int64_t t = 0; t < E * nb; ++t) {                                                                 \
-            const int64_t e = t / nb, n0 = (t % nb) * NN_COLS;                                                 \
-            const int64_t lo = bounds[e], hi = bounds[e + 1];                                                  \
-            if (hi <= lo || hi - lo > maxm) continue;                                                          \
-            nn_tile_##SUF(x + lo * ldx, ldx, 1, w + e * swe + n0, swk, bias ? bias + e * sbe + n0 : 0,         \
-                          y + lo * ldy + n0, ldy, hi - lo, MIN(NN_COLS, N - n0), K, 0);                        \
         }                                                                                                      \
     }                                                                                                          \
                                                                                                                \
     void moe_wgrad_##SUF(const T* a, int64_t lda, const T* b, int64_t ldb, T* out, const int64_t* bounds,     \
                          int64_t E, int64_t I, int64_t J, int64_t maxm, int nthreads) {                        \
         const int64_t ib = (I + WG_ROWS - 1) / WG_ROWS;                                                        \
-        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                                       \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                 \
         for (int64_t t = 0; t < E * ib; ++t) {                                                                 \
             const int64_t e = t / ib, i0 = (t % ib) * WG_ROWS, i1 = MIN(i0 + WG_ROWS, I);                      \
             const int64_t lo = bounds[e], hi = bounds[e + 1];                                                  \

@@ -38,8 +38,7 @@ _state: dict = {}
 
 _I64, _P, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _ARGS = {  # pointer arguments are ints (data_ptr) or None; the last one is the thread count
-    "gemm_nt": [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT],
-    "gemm_nn": [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT],
+    "gemm": [_INT, _P, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT],
     "wgrad": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT],
 }
 
@@ -126,7 +125,8 @@ def _fn(name: str, dtype: torch.dtype):
 
 
 def _kind(wt: torch.Tensor) -> str | None:
-    return "gemm_nt" if wt.stride(1) == 1 else "gemm_nn" if wt.stride(2) == 1 else None
+    """``nt``: ``wt [E, K, N]`` has a unit stride along K (dot products), ``nn``: along N (broadcast FMAs)."""
+    return "nt" if wt.stride(1) == 1 else "nn" if wt.stride(2) == 1 else None
 
 
 def gemm_rows(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> int:
@@ -144,10 +144,10 @@ def gemm(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, bounds, y
     :func:`gemm_rows`; the rows of other experts are not written). ``x [n, K]``, ``wt [E, K, N]``, ``y [n, N]``."""
     E, K, N = wt.shape
     se, sk, sn = wt.stride()
-    kind = _kind(wt)
-    _fn(kind, x.dtype)(x.data_ptr(), x.stride(0), wt.data_ptr(), se, sn if kind == "gemm_nt" else sk,
-                       None if bias is None else bias.data_ptr(), 0 if bias is None else bias.stride(0), y.data_ptr(),
-                       y.stride(0), bounds, E, N, K, max_rows, torch.get_num_threads())
+    nt = _kind(wt) == "nt"
+    _fn("gemm", x.dtype)(int(nt), x.data_ptr(), x.stride(0), wt.data_ptr(), se, sn if nt else sk,
+                         None if bias is None else bias.data_ptr(), 0 if bias is None else bias.stride(0),
+                         y.data_ptr(), y.stride(0), bounds, E, N, K, max_rows, torch.get_num_threads())
 
 
 def wgrad_rows(a: torch.Tensor, b: torch.Tensor) -> int:
