@@ -100,6 +100,13 @@ class Plan:
         return self._over[rows]
 
 
+def _small_enough(plan: Plan, over: list, grouped: bool) -> bool:
+    """The C kernels take the call: some expert with rows is within their row limit, and the experts over it
+    (``over``, given to BLAS one by one) are at most half of those with rows, or one ``grouped_mm`` for all
+    (``grouped``) is not on offer; otherwise that grouped_mm is cheaper than a long loop of ``mm`` calls."""
+    return len(over) < len(plan.segs) and (not grouped or len(over) * 2 <= len(plan.segs))
+
+
 def _gemm(plan: Plan, x: torch.Tensor, w: torch.Tensor, trans_w: bool, bias: torch.Tensor | None) -> torch.Tensor:
     """Row r of expert e: ``x[r] @ w[e].T`` (``trans_w``, w ``[E, N, K]``) or ``x[r] @ w[e]`` (w ``[E, K, N]``),
     plus ``bias[e]``: ``[n, N]``."""
@@ -109,12 +116,12 @@ def _gemm(plan: Plan, x: torch.Tensor, w: torch.Tensor, trans_w: bool, bias: tor
     segs, y = plan.segs, None
     rows = _cpu_gemm.gemm_rows(x, wt, bias)
     over = plan.over(rows) if rows else segs
-    if len(over) < len(segs) and (len(over) * 2 <= len(segs) or plan.loop):  # the C kernels for experts with few
-        # rows, BLAS for the others; when most experts have more rows, one grouped_mm for all (no long loop of mm)
+    grouped = not plan.loop and ref._grouped_mm_ok(x, w)
+    if _small_enough(plan, over, grouped):  # the C kernels for experts with few rows, BLAS for the others
         y = empty(x.shape[0], wt.shape[2], dtype=x.dtype, device=x.device)
         _cpu_gemm.gemm(x, wt, bias, plan.cbounds(), y, rows)
         segs = over
-    elif not plan.loop and ref._grouped_mm_ok(x, w):
+    elif grouped:
         y = F.grouped_mm(x if x.is_contiguous() else x.contiguous(), wt, offs=plan.offs)
         return y if bias is None else y.add_(bias.index_select(0, plan.row_e))
     else:
@@ -130,13 +137,15 @@ def _gemm(plan: Plan, x: torch.Tensor, w: torch.Tensor, trans_w: bool, bias: tor
 def _wgrad(plan: Plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per expert ``a_e^T @ b_e`` ``[E, A, B]``; zeros for experts without rows, each element written once."""
     rows = _cpu_gemm.wgrad_rows(a, b)
-    if rows and len(plan.over(rows)) < len(plan.segs):  # zeros, and experts with few rows, in one call
+    over = plan.over(rows) if rows else plan.segs
+    grouped = not plan.loop and a.is_contiguous() and ref._grouped_mm_ok(a, b.new_empty(1, b.shape[1], a.shape[1]))
+    if _small_enough(plan, over, grouped):  # zeros, and experts with few rows, in one call; BLAS for the others
         out = empty(plan.E, a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
         _cpu_gemm.wgrad(a, b, plan.cbounds(), out, rows)
-        for e, lo, hi in plan.over(rows):
+        for e, lo, hi in over:
             torch.mm(a[lo:hi].t(), b[lo:hi], out=out[e])
         return out
-    if not plan.loop and a.is_contiguous() and ref._grouped_mm_ok(a, b.new_empty(1, b.shape[1], a.shape[1])):
+    if grouped:
         return F.grouped_mm(a.t(), b if b.is_contiguous() else b.contiguous(), offs=plan.offs)
     out = empty(plan.E, a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
     nxt = 0  # the first expert not written yet

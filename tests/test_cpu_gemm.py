@@ -143,12 +143,13 @@ def _wgrad(x, b):
     return out
 
 
-def test_strided_views():
-    """Rows with a stride above their length (column slices), a bias with padded rows, an output slice."""
+@pytest.mark.parametrize("layout", ["nt", "nn"])
+def test_strided_views(layout):
+    """Rows with a stride above their length (column slices), a bias with padded rows, an output slice; the
+    weight gradient of row-strided inputs."""
     g = torch.Generator().manual_seed(5)
-    base = torch.randn(11, 50, generator=g)
-    x = base[:, 3:43]  # [11, 40], row stride 50
-    wt = _weights(2, 40, 24, "nt", torch.float32, g)
+    x = torch.randn(11, 50, generator=g)[:, 3:43]  # [11, 40], row stride 50
+    wt = _weights(2, 40, 24, layout, torch.float32, g)
     bi = torch.randn(2, 30, generator=g)[:, :24]
     yb = torch.full((11, 31), float("nan"))
     y = yb[:, 2:26]
@@ -157,6 +158,26 @@ def test_strided_views():
     want = torch.cat([x[:4].double() @ wt[0].double() + bi[0].double(), x[4:].double() @ wt[1].double() + bi[1].double()])
     assert_close("y", y, want, rms_tol=1e-5)
     assert yb[:, :2].isnan().all() and yb[:, 26:].isnan().all(), "wrote outside the output view"
+    gy = torch.randn(11, 40, generator=g)[:, 5:29]  # [11, 24], row stride 40
+    out = torch.full((2, 40, 24), float("nan"))
+    _cpu_gemm.wgrad(x, gy, _cpu_gemm.bounds_array([0, 4, 11]), out, 16)
+    want = torch.stack([x[:4].double().t() @ gy[:4].double(), x[4:].double().t() @ gy[4:].double()])
+    assert_close("dW", out, want, rms_tol=1e-5)
+
+
+def test_inconsistent_arguments_raise():
+    """The kernels read raw pointers: shapes, dtypes and bounds that do not fit are a ValueError, not a crash."""
+    x, w, y = torch.randn(4, 16), torch.randn(2, 16, 8), torch.empty(4, 8)
+    b = _cpu_gemm.bounds_array([0, 2, 4])
+    for bad in [(x[:, :8], w, None, b, y), (x, w, None, b, torch.empty(4, 9)), (x, w, None, b, y.double()),
+                (x, w, torch.randn(2, 9), b, y), (x, w, None, _cpu_gemm.bounds_array([0, 2, 5]), y),
+                (x, w, None, _cpu_gemm.bounds_array([0, 4]), y)]:
+        with pytest.raises(ValueError, match="_cpu_gemm"):
+            _cpu_gemm.gemm(*bad, 32)
+    for bad in [(x, x[:3], b, torch.empty(2, 16, 16)), (x, x, b, torch.empty(2, 16, 8)),
+                (x, x, b, torch.empty(2, 16, 32)[:, :, :16]), (x, x, _cpu_gemm.bounds_array([0, 9, 9]), torch.empty(2, 16, 16))]:
+        with pytest.raises(ValueError, match="_cpu_gemm"):
+            _cpu_gemm.wgrad(*bad, 32)
 
 
 def test_declines_what_it_cannot_take():

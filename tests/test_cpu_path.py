@@ -180,14 +180,18 @@ def test_fast_activations_match_the_reference(kind, interleaved):
                           equal_nan=True)
 
 
-@pytest.mark.parametrize("gemm,loop,dtype", [("c", False, torch.float32)] + [
+@pytest.mark.parametrize("gemm,loop,dtype", [("c", False, torch.float32), ("c", "mixed", torch.float32)] + [
     ("blas", loop, dtype) for loop in (True, False) for dtype in (torch.float32, torch.bfloat16)], indirect=["gemm"])
 def test_grouped_mm_and_loop_agree(monkeypatch, gemm, loop, dtype):
-    """Every GEMM strategy (the C kernels; BLAS: a loop over the experts with rows, one grouped_mm) on fp32 and
-    bf16 (BLAS: the C kernels take fp32 and fp64), with the reference's tolerance; NaN in one token stays in
-    that token."""
-    monkeypatch.setattr(_cpu_moe, "LOOP_FRACTION", 10**6 if loop else 0)
+    """Every GEMM strategy (the C kernels, alone and beside BLAS; BLAS: a loop over the experts with rows, one
+    grouped_mm) on fp32 and bf16 (BLAS: the C kernels take fp32 and fp64), with the reference's tolerance; NaN in
+    one token stays in that token."""
+    monkeypatch.setattr(_cpu_moe, "LOOP_FRACTION", 10**6 if loop is True else 0)
     x, w13, w2, w, ids, b13, b2 = _inputs(24, 32, 16, 6, 2, dtype, bias=True)
+    if loop == "mixed":  # the row limit at the median count: half the experts in C, the others in BLAS (fp32)
+        counts = torch.bincount(ids.flatten(), minlength=6).sort().values
+        assert counts[2] < counts[3] < counts[-1], counts
+        monkeypatch.setattr(_cpu_gemm, "MAX_ROWS", int(counts[3]))
     ids[3, 1] = -1
     x[5, 7] = float("nan")
     leaves = [t.clone().requires_grad_() for t in (x, w13, w2, w, b13, b2)]
