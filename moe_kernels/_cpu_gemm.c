@@ -2,9 +2,9 @@
  *
  * Rows are sorted by expert: rows bounds[e] .. bounds[e + 1] - 1 belong to expert e. With a few rows per
  * expert a product is a stream over the expert's weights (each weight is used by a handful of rows), and the
- * kernels here stream them once per block of 4 rows with the rows held in L1; a BLAS call per expert
- * packs the weights first and reaches a fraction of the memory bandwidth at these shapes. Experts with more
- * than `maxm` rows are skipped (not written): the caller gives them to BLAS.
+ * kernels here stream them once per block of 4 rows with the rows held in L1; a BLAS call per expert reaches
+ * a fraction of the memory bandwidth at these shapes (bench/cpu_gemm.py). Experts with more than `maxm` rows
+ * are skipped (not written): the caller gives them to BLAS.
  *
  *   gemm nt   y[r, n] = sum_k x[r, k] w[e, n, k] (+ bias[e, n])   weights with unit stride along k
  *   gemm nn   y[r, n] = sum_k x[r, k] w[e, k, n] (+ bias[e, n])   weights with unit stride along n

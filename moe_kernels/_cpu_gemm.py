@@ -1,7 +1,7 @@
 """Launcher of the CPU grouped GEMMs in ``_cpu_gemm.c`` (few rows per expert): built on first use, called by ctypes.
 
-BLAS products of a few rows against an expert's ``[N, K]`` weights pack the weights first and run far below the
-memory bandwidth (MKL fp32 on a 2-core AVX2 VM: 3-5 GB/s at 1-16 rows against 12-24 GB/s for a plain read);
+BLAS products of a few rows against an expert's ``[N, K]`` weights run far below the memory bandwidth (MKL fp32
+on a 2-core AVX2 VM, measured: 3-5 GB/s at 1-16 rows against 12-24 GB/s for a plain read);
 these kernels stream each expert's weights once per block of 4 rows, all experts in one OpenMP loop.
 ``bench/cpu_gemm.py`` measures both at model shapes.
 
