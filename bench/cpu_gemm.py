@@ -17,8 +17,6 @@ wins. Prints a markdown table and writes it to ``--out`` (default bench/results/
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -26,20 +24,15 @@ import torch.nn.functional as F
 
 from moe_kernels import _cpu_gemm
 
-from .harness import collect_meta, measure_ceilings
+from .harness import collect_meta, measure_ceilings, time_fn
 from .moe import MOE_MODELS, select_moe
 
 ROWS = (1, 4, 16, 32, 64)
 
 
-def _median_us(fn, budget_s: float = 0.4, least: int = 5) -> float:
+def _median_us(fn) -> float:
     fn()
-    times, t_end = [], time.perf_counter() + budget_s
-    while len(times) < least or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return time_fn(fn, "cpu", False)[0] * 1e3  # the suites' CPU timing: median ms after warmup
 
 
 def rows_for(model: str, E: int, H: int, I: int, m: int, copy_gbps: float) -> list[dict]:
@@ -87,7 +80,8 @@ def main(argv=None) -> None:
     head = ["model", "E", "H", "I", "rows", "op", "c_us", "grouped_mm_us", "c_gflops", "c_bw_pct", "ratio", "in_path"]
     lines = [f"# CPU grouped GEMMs: C kernels vs F.grouped_mm ({meta['date']}, {meta['device_name']}, torch "
              f"{meta['torch']}, commit {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}, "
-             f"{meta['cpu_threads']} threads, load {meta['loadavg']:.2f}, copy {ceil['copy_gbps'] / 2:.1f} GB/s each way)",
+             f"{meta['cpu_threads']} threads, load {meta['loadavg']:.2f}, "
+             f"copy {ceil['copy_gbps'] / 2:.1f} GB/s each way)",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
     text = "\n".join(lines) + "\n"

@@ -353,12 +353,14 @@ def run_moe(shapes: list[Shape], device: str, quick: bool, notes: list[str]) -> 
         want = GOALS["cpu_hf_vs_grouped_mm"]
         met = sum(ratio >= want for _, ratio in cpu_goal)  # the measured ratio (3 digits), not the printed one
         notes.append(f"CPU goal hf_moe_kernels >= {want}x hf_grouped_mm (paired: median time ratio of alternating "
-                     f"calls) met at {met}/{len(cpu_goal)}: " + ", ".join(f"{name} {ratio:.3f}x" for name, ratio in cpu_goal))
+                     f"calls) met at {met}/{len(cpu_goal)}: "
+                     + ", ".join(f"{name} {ratio:.3f}x" for name, ratio in cpu_goal))
     if device == "cpu":
         from moe_kernels import _cpu_gemm
 
-        notes.append("CPU path GEMMs: " + (f"C kernels (moe_kernels/_cpu_gemm.c) for experts with at most {_cpu_gemm.MAX_ROWS} rows, "
-                                           "torch's beyond" if _cpu_gemm.lib() else "torch's (the C kernels are off)"))
+        notes.append("CPU path GEMMs: " + (f"C kernels (moe_kernels/_cpu_gemm.c) for experts with at most "
+                                           f"{_cpu_gemm.MAX_ROWS} rows, torch's beyond" if _cpu_gemm.lib()
+                                           else "torch's (the C kernels are off)"))
     if device != "cuda":
         notes.append("goals (>= 1.3x hf_grouped_mm at >= 4096 tokens; decode within 1.2x of the weight read; "
                      "fwd+bwd activation memory <= 60% of unfused) are checked on the GPU only")

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("_cpu_gemm.c")
 # 32-64 rows on (bench/cpu_gemm.py; bench moe on 1 and 2 threads, 2-core AVX2 EPYC).
 MAX_ROWS = 32
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+PLAIN = (torch.Tensor, torch.nn.Parameter)  # no subclasses: the kernels read raw storage
 _OMP_NAMES = ("libgomp", "libiomp5", "libomp")
 _state: dict = {}
 
@@ -153,8 +153,8 @@ def gemm_rows(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> i
     """The most rows per expert :func:`gemm` computes for these tensors (0: it cannot take them): fp32 or fp64
     throughout, ``wt [E, K, N]`` with a unit stride along K or N, unit column strides elsewhere (the output:
     ``x``'s dtype, unit column stride)."""
-    if (x.dtype not in DTYPES or wt.dtype != x.dtype or x.stride(1) != 1 or x.dim() != 2 or wt.dim() != 3
-            or (bias is not None and (type(bias) not in _PLAIN or bias.dtype != x.dtype or bias.stride(1) != 1))
+    if (x.dim() != 2 or wt.dim() != 3 or x.dtype not in DTYPES or wt.dtype != x.dtype or x.stride(1) != 1
+            or (bias is not None and (type(bias) not in PLAIN or bias.dtype != x.dtype or bias.stride(1) != 1))
             or lib() is None):  # dtypes first: a bf16 caller never builds the kernels
         return 0
     return 0 if _kind(wt) is None else MAX_ROWS

@@ -22,8 +22,8 @@ combine         one ``index_add_`` of the weighted rows into ``[T, H]`` (fp32; f
 
 Under autograd a ``torch.autograd.Function`` keeps the plan and the forward's intermediates (gathered rows,
 pre-activation, ``silu(g)``, activation, expert outputs), so the backward is two GEMMs for dX, two for dW (zeros
-written once, for experts without rows: by the C kernel's call when it runs), the activation's backward and the router gradient as one row-wise dot;
-only the gradients asked for (``needs_input_grad``) are computed.
+written once, for experts without rows: by the C kernel's call when it runs), the activation's backward and the
+router gradient as one row-wise dot; only the gradients asked for (``needs_input_grad``) are computed.
 
 Everything else (other devices, torch.compile, tensor subclasses) takes the registered op of
 :mod:`moe_kernels._torch_moe`, which needs no host read on a GPU.
@@ -40,7 +40,7 @@ from . import _cpu_gemm
 from . import reference as ref
 from ._alloc import empty
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = _cpu_gemm.PLAIN
 LOOP_FRACTION = 3  # a per-expert loop when fewer than E / LOOP_FRACTION experts have rows, else grouped_mm
 
 
